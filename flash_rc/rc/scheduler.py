@@ -1,0 +1,183 @@
+"""Asynchronous RC cycle scheduler: many chains at once, no global barrier.
+
+RC's verl trainer runs a cycle as two *phases* over the whole batch (every chain's reasoning turn, then every
+chain's summary), so each of the 2T phases waits for the slowest sequence in the batch — and reasoning lengths are
+long-tailed. Here every chain is its own asyncio task: it issues its next turn the moment its previous turn
+finished, and the engine's continuous batching mixes chains that are at different cycles. The only limit is
+``max_concurrent_chains`` (a semaphore), which bounds memory for prompts and KV cache.
+
+Failures are per chain. A failed generation is retried with exponential backoff *before* the chain state is touched
+(state only changes in :meth:`ChainState.record_turn`, after a turn completed), so retries never duplicate turns or
+counters. A chain that still fails is marked ``failed`` with its reason and the other chains go on; bad input (a
+prompt longer than the context) fails at once without retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from flash_rc.rc import prompts as P
+from flash_rc.rc.state import ChainMode, ChainState, Turn, TurnType
+from flash_rc.rollout.engine import Completion, Prompt, SamplingConfig
+
+logger = logging.getLogger(__name__)
+
+
+class AsyncGenerator(Protocol):
+    """What the scheduler needs from an engine (``RolloutEngine`` or a simulated one)."""
+
+    async def agenerate(self, prompt: Prompt, sampling: SamplingConfig) -> list[Completion]: ...
+
+
+@dataclass
+class CycleConfig:
+    """How chains are decoded."""
+
+    num_cycles: int = 2
+    """Reasoning turns per chain (T). In ``rc`` mode each is followed by a summarization turn."""
+    reasoning_max_tokens: int = 16384
+    """H_R: token budget of a reasoning turn."""
+    summary_max_tokens: int = 2048
+    """H_S: token budget of a summarization turn."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int = 0
+    """Base seed; each turn's seed is derived from (seed, problem, sample, turn), so runs are reproducible."""
+    mode: ChainMode = "rc"
+    """``rc`` (summaries), or a summary-free baseline: ``self_refine`` / ``self_verify`` (conditioned on the
+    previous full reasoning)."""
+    summary_mode: Literal["replace", "append"] = "replace"
+    """``replace``: the new summary replaces the old one (RC default); ``append``: summaries accumulate."""
+    use_think_tags: bool = False
+    """Only the text before ``</think>`` of a reasoning turn is summarized; think tags are stripped from summaries."""
+    summarize_last_cycle: bool = True
+    """Also summarize the last reasoning turn (its summary seeds the replay buffer)."""
+    reasoning_prompt: str | None = None
+    """I_R: a template file or template text with {problem} and {curr_summary} (baselines: {curr_reasoning})."""
+    summarization_prompt: str | None = None
+    """I_S: a template file or template text with {problem}, {existing_summary} and {reasoning}."""
+    system_prompt: str | None = None
+    """Optional system message put before every turn's user message."""
+    max_concurrent_chains: int = 64
+    """Chains in flight at once."""
+    max_retries: int = 3
+    """Retries of a failed generation call before the chain is marked failed."""
+    retry_base_delay: float = 0.5
+    """Backoff before retry k is ``retry_base_delay * 2**k`` seconds."""
+
+    def __post_init__(self) -> None:
+        if self.num_cycles < 1:
+            raise ValueError(f"num_cycles must be >= 1, got {self.num_cycles}")
+        if self.reasoning_max_tokens < 1 or self.summary_max_tokens < 1:
+            raise ValueError("reasoning_max_tokens and summary_max_tokens must be >= 1")
+        if self.max_concurrent_chains < 1:
+            raise ValueError("max_concurrent_chains must be >= 1")
+
+
+@dataclass(frozen=True)
+class CyclePrompts:
+    """The validated templates a run uses."""
+
+    reasoning: P.PromptTemplate
+    summarization: P.PromptTemplate | None
+
+    @classmethod
+    def from_config(cls, config: CycleConfig) -> "CyclePrompts":
+        if config.mode == "rc":
+            return cls(
+                P.load_template(config.reasoning_prompt, P.REASONING_PROMPT, P.REASONING_FIELDS),
+                P.load_template(config.summarization_prompt, P.SUMMARIZATION_PROMPT, P.SUMMARIZATION_FIELDS),
+            )
+        default = P.SELF_REFINE_PROMPT if config.mode == "self_refine" else P.SELF_VERIFY_PROMPT
+        return cls(P.load_template(config.reasoning_prompt, default, P.BASELINE_FIELDS), None)
+
+
+Grader = Callable[[ChainState, Turn], None]
+"""Called after every reasoning turn; sets ``turn.pred``, ``turn.score`` and ``turn.correct``."""
+
+
+class CycleScheduler:
+    """Runs chains through their cycles on an async engine."""
+
+    def __init__(self, engine: AsyncGenerator, config: CycleConfig, grader: Grader | None = None):
+        self.engine = engine
+        self.config = config
+        self.prompts = CyclePrompts.from_config(config)
+        self.grader = grader
+
+    async def run(
+        self, chains: Sequence[ChainState], on_chain_done: Callable[[ChainState], None] | None = None
+    ) -> list[ChainState]:
+        """Run every chain to completion (or failure); ``on_chain_done`` is called as each chain ends."""
+        slots = asyncio.Semaphore(self.config.max_concurrent_chains)
+
+        async def run_one(chain: ChainState) -> ChainState:
+            async with slots:
+                await self.run_chain(chain)
+            if on_chain_done is not None:
+                on_chain_done(chain)
+            return chain
+
+        return list(await asyncio.gather(*(run_one(chain) for chain in chains)))
+
+    async def run_chain(self, chain: ChainState) -> ChainState:
+        """All cycles of one chain, each turn issued as soon as the previous one finished."""
+        chain.status = "running"
+        chain.mode, chain.summary_mode = self.config.mode, self.config.summary_mode
+        chain.use_think_tags = self.config.use_think_tags
+        try:
+            for cycle in range(self.config.num_cycles):
+                turn = await self._turn(chain, "reasoning")
+                if self.grader is not None:
+                    self.grader(chain, turn)
+                last = cycle == self.config.num_cycles - 1
+                if self.prompts.summarization is not None and (not last or self.config.summarize_last_cycle):
+                    await self._turn(chain, "summarization")
+            chain.status = "done"
+        except Exception as error:  # one chain's failure never stops the others
+            chain.status, chain.error = "failed", f"{type(error).__name__}: {error}"
+            logger.warning("chain %s/%s failed: %s", chain.problem_id, chain.sample_id, chain.error)
+        return chain
+
+    async def _turn(self, chain: ChainState, turn_type: TurnType) -> Turn:
+        template = self.prompts.reasoning if turn_type == "reasoning" else self.prompts.summarization
+        prompt = template.fill(**chain.prompt_values(turn_type))
+        messages = [{"role": "user", "content": prompt}]
+        if self.config.system_prompt:
+            messages.insert(0, {"role": "system", "content": self.config.system_prompt})
+        sampling = SamplingConfig(
+            max_tokens=self.config.reasoning_max_tokens if turn_type == "reasoning" else self.config.summary_max_tokens,
+            temperature=self.config.temperature,
+            top_p=self.config.top_p,
+            top_k=self.config.top_k,
+            seed=turn_seed(self.config.seed, chain, turn_type),
+        )
+        (completion,) = await self._generate_with_retries(messages, sampling)
+        return chain.record_turn(turn_type, prompt, completion)
+
+    async def _generate_with_retries(self, messages: list[dict], sampling: SamplingConfig) -> list[Completion]:
+        for attempt in range(self.config.max_retries + 1):
+            try:
+                return await self.engine.agenerate(messages, sampling)
+            except (ValueError, TypeError):  # bad input (e.g. prompt too long): retrying cannot help
+                raise
+            except Exception as error:
+                if attempt == self.config.max_retries:
+                    raise
+                delay = self.config.retry_base_delay * 2**attempt
+                logger.info("generation failed (%s), retry %d in %.2fs", error, attempt + 1, delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+
+def turn_seed(base_seed: int, chain: ChainState, turn_type: TurnType) -> int:
+    """A stable 31-bit seed per (run seed, problem, sample, turn) — independent of scheduling order."""
+    number = (chain.reasoning_turn_number if turn_type == "reasoning" else chain.summarization_turn_number) + 1
+    key = f"{base_seed}|{chain.problem_id}|{chain.sample_id}|{turn_type}|{number}|{chain.starting_step}"
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=4).digest(), "little") & 0x7FFFFFFF

@@ -1,0 +1,440 @@
+"""The rollout engine: one in-process vLLM engine that every other part of flash_rc generates with.
+
+Why a wrapper and not `vllm.LLM.generate`: RC chains need *asynchronous* generation (each chain issues its next turn
+the moment its previous turn ends, with no global barrier), RL needs the *processed* logprob of every sampled token
+(after temperature / top-p, i.e. the distribution actually sampled from — vLLM's ``logprobs_mode=
+"processed_logprobs"``), and the learner must push new weights into the *running* engine between decode steps.
+
+Design: a single engine thread owns vLLM's ``LLMEngine`` (vLLM is not thread-safe). Callers on any thread or event
+loop enqueue commands; the thread adds requests, calls ``engine.step()`` while work is pending (continuous batching
+across all callers), and resolves a ``concurrent.futures.Future`` per request when it finishes. Weight updates are
+commands too, so they run between two decode steps and never race a forward pass.
+
+Prompts are token ids: we tokenize (chat template or raw text) on our side so the prompt length can be checked
+against the context *before* it reaches vLLM (a too-long prompt is a clear :class:`PromptTooLongError`, not an
+engine crash) and so the learner sees exactly the ids the engine saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from flash_rc.models import resolve_model
+
+# vLLM must run in-process (no engine-core subprocess) so the engine thread can call into the model directly.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+Prompt = str | Sequence[Mapping[str, str]] | Sequence[int]
+"""A raw text prompt, a list of chat messages (``[{"role": "user", "content": ...}]``), or prompt token ids."""
+
+
+class PromptTooLongError(ValueError):
+    """The prompt leaves no room in the context window for even one generated token."""
+
+
+class WeightUpdateError(ValueError):
+    """A weight update was rejected before any engine weight was touched."""
+
+
+@dataclass
+class EngineConfig:
+    """How to start the rollout engine."""
+
+    model: str = "tiny-qwen2"
+    """Built-in model name (see ``flash_rc.models``) or a local HF model directory."""
+    dtype: str = "bfloat16"
+    """Compute dtype of the engine (``bfloat16``, ``float16`` or ``float32``)."""
+    max_model_len: int = 4096
+    """Context window: prompt + generated tokens per request."""
+    seed: int = 0
+    """Engine seed (requests may carry their own seed for reproducible sampling)."""
+    kv_cache_gib: float = 2.0
+    """CPU only: KV cache size in GiB."""
+    gpu_memory_utilization: float = 0.5
+    """GPU only: fraction of GPU memory vLLM may use for weights + KV cache."""
+    max_num_seqs: int = 256
+    """Maximum number of sequences decoded together (continuous-batching width)."""
+    enable_prefix_caching: bool = True
+    """Reuse KV of shared prompt prefixes (e.g. K samples of one RC state). Cleared on every weight update."""
+    enforce_eager: bool = False
+    """Disable CUDA graphs / torch.compile (faster start, slower decode)."""
+    tensor_parallel_size: int = 1
+    """Tensor parallel degree (GPU)."""
+    inflight_update: Literal["recompute", "wait"] = "recompute"
+    """What a weight update does to requests still generating: ``recompute`` applies the update between two decode
+    steps and re-prefills running requests with the new weights (their earlier tokens keep the old logprobs, later
+    tokens are sampled from the new policy; each completion records both versions); ``wait`` lets running requests
+    finish on the old weights first, holding back new requests until the update is done."""
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments passed verbatim to ``vllm.LLM`` (e.g. ``quantization``, ``kv_cache_dtype``)."""
+
+
+@dataclass
+class SamplingConfig:
+    """Per-call sampling parameters."""
+
+    max_tokens: int = 512
+    """Generation budget of this call (H_R or H_S for RC turns); clamped to the room left in the context."""
+    n: int = 1
+    """Samples per prompt."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    """-1 disables top-k."""
+    seed: int | None = None
+    """Per-request seed: same seed + same weights + same prompt gives the same tokens."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings (not included in the output)."""
+
+
+@dataclass
+class Completion:
+    """One generated sample with everything RL needs."""
+
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    """Processed logprob of each sampled token: log π_rollout(token) under the distribution it was sampled from."""
+    finish_reason: str
+    """``stop`` (EOS or stop string), ``length`` (budget exhausted) or ``abort``."""
+    model_version_start: int
+    """Engine weight version when the request was admitted."""
+    model_version: int
+    """Engine weight version that generated the last token (differs from the start only under in-flight updates)."""
+
+
+@dataclass
+class _Request:
+    prompt_token_ids: list[int]
+    params: Any
+    future: concurrent.futures.Future
+    model_version_start: int = -1
+
+
+@dataclass
+class _Call:
+    fn: Callable[[], Any]
+    future: concurrent.futures.Future
+    needs_idle: bool
+
+
+class RolloutEngine:
+    """In-process vLLM engine with batched/async generation, processed logprobs and in-place weight updates."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.model_path = resolve_model(config.model)
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.checkpoint_shapes = _checkpoint_shapes(self.model_path)
+        self._llm = self._start_vllm(config)
+        self._engine = self._llm.llm_engine
+        self._model_version = 0
+        self._commands: queue.Queue[_Request | _Call | None] = queue.Queue()
+        self._request_ids = itertools.count()
+        self._inflight: dict[str, _Request] = {}
+        self._fatal: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="flash_rc-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ start-up
+
+    def _start_vllm(self, config: EngineConfig):
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self.on_cpu = current_platform.is_cpu()
+        kwargs = dict(
+            model=str(self.model_path),
+            dtype=config.dtype,
+            max_model_len=config.max_model_len,
+            seed=config.seed,
+            max_num_seqs=config.max_num_seqs,
+            enable_prefix_caching=config.enable_prefix_caching,
+            enforce_eager=config.enforce_eager,
+            tensor_parallel_size=config.tensor_parallel_size,
+            logprobs_mode="processed_logprobs",
+            max_logprobs=0,
+        )
+        if self.on_cpu:
+            kwargs["kv_cache_memory_bytes"] = int(config.kv_cache_gib * (1 << 30))
+        else:
+            kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+        kwargs.update(config.engine_kwargs)
+        return LLM(**kwargs)
+
+    # ------------------------------------------------------------------ prompts
+
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids for a raw text prompt, a chat (template applied, generation prompt added) or ids as given."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt).input_ids
+        elif len(prompt) > 0 and isinstance(prompt[0], Mapping):
+            ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, Mapping):  # transformers 5 returns a BatchEncoding
+                ids = ids["input_ids"]
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("empty prompt: a prompt must contain at least one token")
+        return list(ids)
+
+    def _sampling_params(self, prompt_len: int, sampling: SamplingConfig):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        room = self.config.max_model_len - prompt_len
+        if room < 1:
+            raise PromptTooLongError(
+                f"prompt has {prompt_len} tokens but the context window (max_model_len) is "
+                f"{self.config.max_model_len}: no room to generate"
+            )
+        return SamplingParams(
+            n=sampling.n,
+            max_tokens=min(sampling.max_tokens, room),
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            seed=sampling.seed,
+            stop=list(sampling.stop) or None,
+            logprobs=0,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+
+    # ------------------------------------------------------------------ generation
+
+    def submit(self, prompt: Prompt, sampling: SamplingConfig) -> concurrent.futures.Future:
+        """Enqueue one prompt; the future resolves to its ``sampling.n`` completions."""
+        ids = self.encode(prompt)
+        params = self._sampling_params(len(ids), sampling)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._put(_Request(ids, params, future))
+        return future
+
+    def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig) -> list[list[Completion]]:
+        """Batched generation: all prompts are in flight together; returns ``n`` completions per prompt, in order."""
+        futures = [self.submit(p, sampling) for p in prompts]
+        return [f.result() for f in futures]
+
+    async def agenerate(self, prompt: Prompt, sampling: SamplingConfig) -> list[Completion]:
+        """Async generation of one prompt; many concurrent calls are batched together by the engine thread."""
+        return await asyncio.wrap_future(self.submit(prompt, sampling))
+
+    # ------------------------------------------------------------------ weights
+
+    @property
+    def model_version(self) -> int:
+        """Number of weight updates applied so far (0 = the weights the engine started with)."""
+        return self._model_version
+
+    def update_weights(self, weights: Mapping[str, torch.Tensor], strict: bool = True) -> int:
+        """Push new weights (HF checkpoint names) into the running engine in place; returns the new version.
+
+        Everything is validated before any engine weight is touched (unknown or missing names, shapes, non-finite
+        values): a rejected update raises :class:`WeightUpdateError` and the engine keeps serving the old version.
+        Tensors are streamed one decoder layer at a time in layer order (vLLM reprocesses a layer as soon as all of
+        its tensors arrived), so peak extra memory is about one layer; DTensors are gathered lazily per tensor.
+        ``strict=False`` allows a partial update (a subset of names).
+        """
+        validate_weights(weights, self.checkpoint_shapes, strict=strict)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._put(_Call(lambda: self._apply_weights(weights), future, needs_idle=self.config.inflight_update == "wait"))
+        return future.result()
+
+    def _apply_weights(self, weights: Mapping[str, torch.Tensor]) -> int:
+        self._llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": stream_in_layer_order(weights), "is_checkpoint_format": True}
+        )
+        self._model_version += 1
+        # Cached prefixes hold KV computed by the old weights; running requests are re-prefilled under "recompute".
+        self._engine.reset_prefix_cache(reset_running_requests=self.config.inflight_update == "recompute")
+        return self._model_version
+
+    def call_in_engine_thread(self, fn: Callable[[], Any], wait_for_idle: bool = False) -> Any:
+        """Run ``fn`` on the engine thread between two decode steps (e.g. inspect or patch the model)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._put(_Call(fn, future, needs_idle=wait_for_idle))
+        return future.result()
+
+    def apply_model(self, fn: Callable[[torch.nn.Module], Any]) -> Any:
+        """Run ``fn(model)`` on the engine's (single-worker) model, on the engine thread."""
+        return self.call_in_engine_thread(lambda: self._llm.apply_model(fn)[0])
+
+    # ------------------------------------------------------------------ engine thread
+
+    def _put(self, command: _Request | _Call) -> None:
+        if self._fatal is not None:
+            raise RuntimeError("rollout engine has failed") from self._fatal
+        if not self._thread.is_alive():
+            raise RuntimeError("rollout engine is closed")
+        self._commands.put(command)
+
+    def _run(self) -> None:
+        held: list[_Request | _Call] = []  # commands waiting behind an update that needs an idle engine
+        try:
+            while True:
+                if not held and not self._engine.has_unfinished_requests():
+                    held.append(self._commands.get())  # idle: sleep until there is work
+                while True:  # admit everything that arrived, so one step batches all callers
+                    try:
+                        held.append(self._commands.get_nowait())
+                    except queue.Empty:
+                        break
+                while held:
+                    head = held[0]
+                    if head is None:
+                        return self._fail_pending(RuntimeError("rollout engine is closed"))
+                    if isinstance(head, _Call) and head.needs_idle and self._engine.has_unfinished_requests():
+                        break
+                    held.pop(0)
+                    self._execute(head)
+                if self._engine.has_unfinished_requests():
+                    for output in self._engine.step():
+                        self._finish(output)
+        except BaseException as error:  # an engine crash must not hang callers
+            self._fatal = error
+            self._fail_pending(error)
+
+    def _execute(self, command: _Request | _Call) -> None:
+        if isinstance(command, _Call):
+            try:
+                command.future.set_result(command.fn())
+            except BaseException as error:
+                command.future.set_exception(error)
+            return
+        request_id = str(next(self._request_ids))
+        command.model_version_start = self._model_version
+        try:
+            self._engine.add_request(request_id, {"prompt_token_ids": command.prompt_token_ids}, command.params)
+        except Exception as error:  # a bad request fails alone
+            command.future.set_exception(error)
+            return
+        self._inflight[request_id] = command
+
+    def _finish(self, output) -> None:
+        request = self._inflight.pop(output.request_id, None)
+        if request is None:
+            return
+        completions = []
+        for sample in sorted(output.outputs, key=lambda o: o.index):
+            token_ids = list(sample.token_ids)
+            logprobs = [step[token].logprob for step, token in zip(sample.logprobs or [], token_ids)]
+            completions.append(
+                Completion(
+                    prompt_token_ids=request.prompt_token_ids,
+                    token_ids=token_ids,
+                    text=sample.text,
+                    logprobs=logprobs,
+                    finish_reason=sample.finish_reason or "abort",
+                    model_version_start=request.model_version_start,
+                    model_version=self._model_version,
+                )
+            )
+        request.future.set_result(completions)
+
+    def _fail_pending(self, error: BaseException) -> None:
+        for request in self._inflight.values():
+            if not request.future.done():
+                request.future.set_exception(error)
+        self._inflight.clear()
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if command is not None and not command.future.done():
+                command.future.set_exception(error)
+
+    def close(self) -> None:
+        """Stop the engine thread (pending requests fail) and release the engine."""
+        if self._thread.is_alive():
+            self._commands.put(None)
+            self._thread.join()
+        self._llm = self._engine = None
+
+    def __enter__(self) -> "RolloutEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------- weight helpers
+
+
+def _checkpoint_shapes(model_path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of an HF safetensors checkpoint, read from file headers (no weights loaded)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in sorted(model_path.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    if not shapes:
+        raise FileNotFoundError(f"no *.safetensors weights in {model_path}")
+    return shapes
+
+
+def validate_weights(
+    weights: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], strict: bool = True
+) -> None:
+    """Reject an update whose names, shapes, dtypes or values cannot be loaded, naming every offending tensor."""
+    if not isinstance(weights, Mapping):
+        raise WeightUpdateError(
+            "weights must be a mapping name -> tensor (e.g. a state dict) so they can be validated before loading"
+        )
+    problems = []
+    unknown = sorted(set(weights) - set(expected))
+    if unknown:
+        problems.append(f"unknown tensors (not in the checkpoint): {unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
+    missing = sorted(set(expected) - set(weights)) if strict else []
+    if missing:
+        problems.append(f"missing tensors (strict update): {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    for name, tensor in weights.items():
+        if name not in expected:
+            continue
+        if tuple(tensor.shape) != tuple(expected[name]):
+            problems.append(f"{name}: shape {tuple(tensor.shape)} != checkpoint shape {tuple(expected[name])}")
+        elif not tensor.is_floating_point():
+            problems.append(f"{name}: dtype {tensor.dtype} is not a floating-point dtype")
+        elif not bool(torch.isfinite(_local(tensor)).all()):
+            problems.append(f"{name}: contains NaN or inf")
+    if problems:
+        raise WeightUpdateError("weight update rejected, engine weights unchanged:\n  " + "\n  ".join(problems))
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """The locally held part of a (possibly distributed) tensor, without communication."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def _layer_index(name: str) -> tuple[int, str]:
+    """Sort key putting tensors of the same decoder layer together, embeddings first and the head last."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part == "layers" and parts[i + 1].isdigit():
+            return (int(parts[i + 1]) + 1, name)
+    return (0 if "embed" in name else 1 << 30, name)
+
+
+def stream_in_layer_order(weights: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, full tensor)`` one at a time in decoder-layer order, gathering DTensors lazily."""
+    for name in sorted(weights, key=_layer_index):
+        tensor = weights[name]
+        if hasattr(tensor, "full_tensor"):
+            tensor = tensor.full_tensor()
+        yield name, tensor.detach()
