@@ -191,3 +191,23 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
         "flash_rc never downloads at run time: copy the HF model folder to this machine (e.g. "
         "`huggingface-cli download <repo> --local-dir <dir>` where you have hub access) and pass its path."
     )
+
+
+def main(argv: list[str]) -> int:
+    """``flash-rc models [NAME ...]``: build built-in models into the cache (all when no name is given)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="flash-rc models", description="Build offline built-in models.")
+    parser.add_argument("names", nargs="*", help=f"built-in models to build (default: all of {list(BUILTIN_MODELS)})")
+    parser.add_argument("--list", action="store_true", help="list built-in models and whether they are built")
+    args = parser.parse_args(argv)
+    if args.list:
+        for name in BUILTIN_MODELS:
+            target = cache_root() / "models" / name
+            print(f"{name:<24} {'built' if (target / 'config.json').exists() else 'not built'}  {target}")
+        return 0
+    for name in args.names or list(BUILTIN_MODELS):
+        if name not in BUILTIN_MODELS:
+            parser.error(f"unknown built-in model {name!r}; choose from {list(BUILTIN_MODELS)}")
+        print(f"{name}: {resolve_model(name)}")
+    return 0

@@ -15,11 +15,13 @@ prompt longer than the context) fails at once without retries.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from flash_rc.rc import prompts as P
 from flash_rc.rc.state import ChainMode, ChainState, Turn, TurnType
@@ -34,19 +36,17 @@ class AsyncGenerator(Protocol):
     async def agenerate(self, prompt: Prompt, sampling: SamplingConfig) -> list[Completion]: ...
 
 
-@dataclass
-class CycleConfig:
-    """How chains are decoded."""
+class CycleConfig(BaseModel):
+    """How chains are decoded (the ``flash_rc.rc`` section of a recipe)."""
 
-    num_cycles: int = 2
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    num_cycles: int = Field(2, ge=1)
     """Reasoning turns per chain (T). In ``rc`` mode each is followed by a summarization turn."""
-    reasoning_max_tokens: int = 16384
+    max_thinking_tokens: int = Field(16384, ge=1)
     """H_R: token budget of a reasoning turn."""
-    summary_max_tokens: int = 2048
+    max_summary_tokens: int = Field(2048, ge=1)
     """H_S: token budget of a summarization turn."""
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
     seed: int = 0
     """Base seed; each turn's seed is derived from (seed, problem, sample, turn), so runs are reproducible."""
     mode: ChainMode = "rc"
@@ -64,23 +64,15 @@ class CycleConfig:
     """I_S: a template file or template text with {problem}, {existing_summary} and {reasoning}."""
     system_prompt: str | None = None
     """Optional system message put before every turn's user message."""
-    max_concurrent_chains: int = 64
+    max_concurrent_chains: int = Field(64, ge=1)
     """Chains in flight at once."""
-    max_retries: int = 3
+    max_retries: int = Field(3, ge=0)
     """Retries of a failed generation call before the chain is marked failed."""
-    retry_base_delay: float = 0.5
+    retry_base_delay: float = Field(0.5, ge=0)
     """Backoff before retry k is ``retry_base_delay * 2**k`` seconds."""
 
-    def __post_init__(self) -> None:
-        if self.num_cycles < 1:
-            raise ValueError(f"num_cycles must be >= 1, got {self.num_cycles}")
-        if self.reasoning_max_tokens < 1 or self.summary_max_tokens < 1:
-            raise ValueError("reasoning_max_tokens and summary_max_tokens must be >= 1")
-        if self.max_concurrent_chains < 1:
-            raise ValueError("max_concurrent_chains must be >= 1")
 
-
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class CyclePrompts:
     """The validated templates a run uses."""
 
@@ -103,11 +95,24 @@ Grader = Callable[[ChainState, Turn], None]
 
 
 class CycleScheduler:
-    """Runs chains through their cycles on an async engine."""
+    """Runs chains through their cycles on an async engine.
 
-    def __init__(self, engine: AsyncGenerator, config: CycleConfig, grader: Grader | None = None):
+    ``sampling`` gives temperature / top-p / top-k for every turn; its ``max_tokens`` and ``seed`` are replaced per
+    turn (H_R or H_S, and a seed derived from the chain and turn).
+    """
+
+    def __init__(
+        self,
+        engine: AsyncGenerator,
+        config: CycleConfig,
+        sampling: SamplingConfig | None = None,
+        grader: Grader | None = None,
+    ):
         self.engine = engine
         self.config = config
+        self.sampling = sampling or SamplingConfig()
+        if self.sampling.n != 1:
+            raise ValueError("RC chains sample one completion per turn; run more chains (samples) instead of n > 1")
         self.prompts = CyclePrompts.from_config(config)
         self.grader = grader
 
@@ -133,29 +138,28 @@ class CycleScheduler:
         chain.use_think_tags = self.config.use_think_tags
         try:
             for cycle in range(self.config.num_cycles):
-                turn = await self._turn(chain, "reasoning")
-                if self.grader is not None:
-                    self.grader(chain, turn)
+                turn = await self.turn(chain, "reasoning")
+                if self.grader is not None:  # scorers may be slow (math-verify): keep the event loop free
+                    await asyncio.to_thread(self.grader, chain, turn)
                 last = cycle == self.config.num_cycles - 1
                 if self.prompts.summarization is not None and (not last or self.config.summarize_last_cycle):
-                    await self._turn(chain, "summarization")
+                    await self.turn(chain, "summarization")
             chain.status = "done"
         except Exception as error:  # one chain's failure never stops the others
             chain.status, chain.error = "failed", f"{type(error).__name__}: {error}"
             logger.warning("chain %s/%s failed: %s", chain.problem_id, chain.sample_id, chain.error)
         return chain
 
-    async def _turn(self, chain: ChainState, turn_type: TurnType) -> Turn:
+    async def turn(self, chain: ChainState, turn_type: TurnType) -> Turn:
+        """Generate and record one turn of ``chain`` (retrying transient engine errors)."""
         template = self.prompts.reasoning if turn_type == "reasoning" else self.prompts.summarization
         prompt = template.fill(**chain.prompt_values(turn_type))
         messages = [{"role": "user", "content": prompt}]
         if self.config.system_prompt:
             messages.insert(0, {"role": "system", "content": self.config.system_prompt})
-        sampling = SamplingConfig(
-            max_tokens=self.config.reasoning_max_tokens if turn_type == "reasoning" else self.config.summary_max_tokens,
-            temperature=self.config.temperature,
-            top_p=self.config.top_p,
-            top_k=self.config.top_k,
+        sampling = dataclasses.replace(
+            self.sampling,
+            max_tokens=self.config.max_thinking_tokens if turn_type == "reasoning" else self.config.max_summary_tokens,
             seed=turn_seed(self.config.seed, chain, turn_type),
         )
         (completion,) = await self._generate_with_retries(messages, sampling)

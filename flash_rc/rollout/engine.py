@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import logging
 import os
 import queue
 import threading
@@ -29,11 +30,25 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from flash_rc.models import resolve_model
 
 # vLLM must run in-process (no engine-core subprocess) so the engine thread can call into the model directly.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+# Warnings vLLM repeats on every in-place reload or request that say nothing is wrong for how flash_rc uses it,
+# keyed by the vLLM module that logs them (filters on a logger survive vLLM's own logging set-up).
+_BENIGN_VLLM_WARNINGS = {
+    # the rotary cache has no checkpoint tensor, so a reload keeps the existing one: correct
+    "vllm.model_executor.model_loader.reload.layerwise": "RotaryEmbedding: Failed to load weights",
+    # token-id prompts are the input type every supported vLLM version accepts
+    "vllm.v1.engine.input_processor": "Passing raw prompts to InputProcessor is deprecated",
+    "vllm.v1.worker.cpu_worker": "CPU backend doesn't allow to use `torch.set_num_threads`",
+}
+for _logger_name, _prefix in _BENIGN_VLLM_WARNINGS.items():
+    logging.getLogger(_logger_name).addFilter(lambda record, _p=_prefix: not record.getMessage().startswith(_p))
 
 Prompt = str | Sequence[Mapping[str, str]] | Sequence[int]
 """A raw text prompt, a list of chat messages (``[{"role": "user", "content": ...}]``), or prompt token ids."""
@@ -47,9 +62,10 @@ class WeightUpdateError(ValueError):
     """A weight update was rejected before any engine weight was touched."""
 
 
-@dataclass
-class EngineConfig:
+class EngineConfig(BaseModel):
     """How to start the rollout engine."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     model: str = "tiny-qwen2"
     """Built-in model name (see ``flash_rc.models``) or a local HF model directory."""
@@ -67,8 +83,9 @@ class EngineConfig:
     """Maximum number of sequences decoded together (continuous-batching width)."""
     enable_prefix_caching: bool = True
     """Reuse KV of shared prompt prefixes (e.g. K samples of one RC state). Cleared on every weight update."""
-    enforce_eager: bool = False
-    """Disable CUDA graphs / torch.compile (faster start, slower decode)."""
+    enforce_eager: bool | None = None
+    """Disable CUDA graphs / torch.compile. ``None``: eager on CPU (starts in ~2 s instead of ~20 s of
+    torch.compile), compiled on GPU."""
     tensor_parallel_size: int = 1
     """Tensor parallel degree (GPU)."""
     inflight_update: Literal["recompute", "wait"] = "recompute"
@@ -76,7 +93,7 @@ class EngineConfig:
     steps and re-prefills running requests with the new weights (their earlier tokens keep the old logprobs, later
     tokens are sampled from the new policy; each completion records both versions); ``wait`` lets running requests
     finish on the old weights first, holding back new requests until the update is done."""
-    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra keyword arguments passed verbatim to ``vllm.LLM`` (e.g. ``quantization``, ``kv_cache_dtype``)."""
 
 
@@ -89,6 +106,7 @@ class SamplingConfig:
     n: int = 1
     """Samples per prompt."""
     temperature: float = 1.0
+    """0 is greedy."""
     top_p: float = 1.0
     top_k: int = -1
     """-1 disables top-k."""
@@ -131,9 +149,16 @@ class _Call:
 
 
 class RolloutEngine:
-    """In-process vLLM engine with batched/async generation, processed logprobs and in-place weight updates."""
+    """In-process vLLM engine with batched/async generation, processed logprobs and in-place weight updates.
+
+    One per process: vLLM keeps process-global distributed state that closing one engine tears down under another.
+    """
+
+    _live: "RolloutEngine | None" = None
 
     def __init__(self, config: EngineConfig):
+        if RolloutEngine._live is not None:
+            raise RuntimeError("a RolloutEngine is already running in this process; close() it before starting another")
         self.config = config
         self.model_path = resolve_model(config.model)
         from transformers import AutoTokenizer
@@ -149,6 +174,7 @@ class RolloutEngine:
         self._fatal: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="flash_rc-engine", daemon=True)
         self._thread.start()
+        RolloutEngine._live = self
 
     # ------------------------------------------------------------------ start-up
 
@@ -164,7 +190,7 @@ class RolloutEngine:
             seed=config.seed,
             max_num_seqs=config.max_num_seqs,
             enable_prefix_caching=config.enable_prefix_caching,
-            enforce_eager=config.enforce_eager,
+            enforce_eager=self.on_cpu if config.enforce_eager is None else config.enforce_eager,
             tensor_parallel_size=config.tensor_parallel_size,
             logprobs_mode="processed_logprobs",
             max_logprobs=0,
@@ -190,6 +216,9 @@ class RolloutEngine:
             ids = [int(t) for t in prompt]
         if not ids:
             raise ValueError("empty prompt: a prompt must contain at least one token")
+        bad = [t for t in ids if not 0 <= t < len(self.tokenizer)]
+        if bad:
+            raise ValueError(f"prompt token ids out of vocabulary (size {len(self.tokenizer)}): {bad[:8]}")
         return list(ids)
 
     def _sampling_params(self, prompt_len: int, sampling: SamplingConfig):
@@ -240,27 +269,34 @@ class RolloutEngine:
         """Number of weight updates applied so far (0 = the weights the engine started with)."""
         return self._model_version
 
-    def update_weights(self, weights: Mapping[str, torch.Tensor], strict: bool = True) -> int:
+    def update_weights(
+        self,
+        weights: Mapping[str, torch.Tensor],
+        strict: bool = True,
+        inflight: Literal["recompute", "wait"] | None = None,
+    ) -> int:
         """Push new weights (HF checkpoint names) into the running engine in place; returns the new version.
 
         Everything is validated before any engine weight is touched (unknown or missing names, shapes, non-finite
         values): a rejected update raises :class:`WeightUpdateError` and the engine keeps serving the old version.
         Tensors are streamed one decoder layer at a time in layer order (vLLM reprocesses a layer as soon as all of
         its tensors arrived), so peak extra memory is about one layer; DTensors are gathered lazily per tensor.
-        ``strict=False`` allows a partial update (a subset of names).
+        ``strict=False`` allows a partial update (a subset of names); ``inflight`` overrides
+        ``EngineConfig.inflight_update`` for this update.
         """
         validate_weights(weights, self.checkpoint_shapes, strict=strict)
+        inflight = inflight or self.config.inflight_update
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._put(_Call(lambda: self._apply_weights(weights), future, needs_idle=self.config.inflight_update == "wait"))
+        self._put(_Call(lambda: self._apply_weights(weights, inflight), future, needs_idle=inflight == "wait"))
         return future.result()
 
-    def _apply_weights(self, weights: Mapping[str, torch.Tensor]) -> int:
+    def _apply_weights(self, weights: Mapping[str, torch.Tensor], inflight: str) -> int:
         self._llm.collective_rpc(
             "reload_weights", kwargs={"weights_iterator": stream_in_layer_order(weights), "is_checkpoint_format": True}
         )
         self._model_version += 1
         # Cached prefixes hold KV computed by the old weights; running requests are re-prefilled under "recompute".
-        self._engine.reset_prefix_cache(reset_running_requests=self.config.inflight_update == "recompute")
+        self._engine.reset_prefix_cache(reset_running_requests=inflight == "recompute")
         return self._model_version
 
     def call_in_engine_thread(self, fn: Callable[[], Any], wait_for_idle: bool = False) -> Any:
@@ -364,6 +400,8 @@ class RolloutEngine:
             self._commands.put(None)
             self._thread.join()
         self._llm = self._engine = None
+        if RolloutEngine._live is self:
+            RolloutEngine._live = None
 
     def __enter__(self) -> "RolloutEngine":
         return self

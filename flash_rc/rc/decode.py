@@ -1,0 +1,227 @@
+"""``flash-rc decode``: RC decoding over a file of problems, with accuracy per cycle.
+
+Reads problems (GSM8K JSONL ``{question, answer}``, verl parquet/JSONL rows, or ``{problem, answer}`` rows), runs
+every (problem, sample) chain through the async scheduler on one rollout engine, grades every reasoning turn on its
+own final answer, writes one JSON line per chain *as soon as the chain ends* (flushed, so an interrupted run keeps
+what it produced), and prints pass@1 after each cycle.
+
+Config: a recipe YAML in verl's key names (``data.val_files``, ``actor_rollout_ref.model.path``,
+``actor_rollout_ref.rollout.val_kwargs.*``) plus ``flash_rc.rc`` (the cycle) and ``flash_rc.decode`` (this command).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from flash_rc.config import ActorRolloutRefSection, EngineExtras, Section, engine_config, load_recipe
+from flash_rc.rc.scheduler import CycleConfig, CyclePrompts, CycleScheduler
+from flash_rc.rc.state import ChainState, Turn
+
+
+class DataSection(Section):
+    """verl's ``data`` keys decode reads."""
+
+    val_files: str | list[str] = "../shared/data/gsm8k/test.jsonl"
+    """Problem file(s): .jsonl, .json or .parquet."""
+    val_max_samples: int = -1
+    """Use at most this many problems (-1: all)."""
+
+
+class DecodeOptions(Section):
+    """``flash_rc.decode``: what this command does with the chains."""
+
+    output: str = "outputs/rc_decode.jsonl"
+    """Where to write one JSON line per chain (overwritten at start, appended as chains finish)."""
+    offset: int = Field(0, ge=0)
+    """Skip this many problems first."""
+    grading: Literal["boxed", "data_source"] = "boxed"
+    """``boxed``: grade the last \\boxed{} answer of each reasoning turn against the ground truth (what the RC
+    prompt asks for); ``data_source``: use the row's data_source scorer (e.g. GSM8K strict ``####``)."""
+
+
+class FlashRCDecodeSection(Section):
+    rc: CycleConfig = CycleConfig()
+    engine: EngineExtras = EngineExtras()
+    decode: DecodeOptions = DecodeOptions()
+
+
+class DecodeRecipe(Section):
+    data: DataSection = DataSection()
+    actor_rollout_ref: ActorRolloutRefSection = ActorRolloutRefSection()
+    flash_rc: FlashRCDecodeSection = FlashRCDecodeSection()
+
+
+# ---------------------------------------------------------------------- problems
+
+
+@dataclass
+class Problem:
+    problem_id: str
+    problem: str
+    ground_truth: str | None
+    data_source: str
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"problem file not found: {path}")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    if path.suffix == ".json":
+        return list(json.loads(path.read_text()))
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not valid JSON ({error})") from None
+    return rows
+
+
+def problem_from_row(row: dict[str, Any], index: int, source: str) -> Problem:
+    """One problem from a GSM8K, verl or plain row; the raw problem text, not a prompt with instructions."""
+    extra = row.get("extra_info") or {}
+    if "reward_model" in row or "prompt" in row:  # verl row: the raw question lives in extra_info when present
+        text = extra.get("question") or _last_user_message(row.get("prompt"))
+        truth = (row.get("reward_model") or {}).get("ground_truth")
+        data_source = row.get("data_source", "openai/gsm8k")
+    else:
+        text = row.get("problem", row.get("question"))
+        answer = row.get("answer", row.get("ground_truth"))
+        truth = answer.split("####")[-1].strip().replace(",", "") if isinstance(answer, str) else answer
+        data_source = row.get("data_source", "openai/gsm8k")
+    if text is None:
+        raise ValueError(f"{source} row {index}: no problem text (expected 'question', 'problem' or 'prompt')")
+    problem_id = str(extra.get("index", row.get("id", index)))
+    return Problem(problem_id, str(text), None if truth is None else str(truth), data_source)
+
+
+def _last_user_message(prompt: Any) -> str | None:
+    if isinstance(prompt, str):
+        return prompt
+    users = [m.get("content") for m in prompt or [] if isinstance(m, dict) and m.get("role") == "user"]
+    return users[-1] if users else None
+
+
+def load_problems(files: str | list[str], offset: int = 0, limit: int = -1) -> list[Problem]:
+    problems: list[Problem] = []
+    for file in [files] if isinstance(files, str) else files:
+        path = Path(file).expanduser()
+        problems += [problem_from_row(row, i, str(path)) for i, row in enumerate(_rows(path))]
+    problems = problems[offset:]
+    return problems if limit < 0 else problems[:limit]
+
+
+# ---------------------------------------------------------------------- grading
+
+
+def make_grader(grading: str):
+    """A scheduler grader: score each reasoning turn with flash_rc's time-limited reward router."""
+    from flash_rc.rewards.router import compute_score
+
+    def grade(chain: ChainState, turn: Turn) -> None:
+        if chain.ground_truth is None:
+            return
+        data_source = "math" if grading == "boxed" else chain.data_source
+        result = compute_score(data_source, turn.raw_text, chain.ground_truth)
+        turn.pred, turn.score, turn.correct = result["pred"], float(result["score"]), bool(result["acc"])
+
+    return grade
+
+
+def accuracy_per_cycle(chains: list[ChainState], num_cycles: int) -> list[float]:
+    """pass@1 of reasoning turn t over all chains (a chain that failed before turn t counts as wrong)."""
+    if not chains:
+        return [0.0] * num_cycles
+    totals = [0] * num_cycles
+    for chain in chains:
+        for turn in chain.reasoning_turns[:num_cycles]:
+            totals[turn.turn_number - 1] += bool(turn.correct)
+    return [total / len(chains) for total in totals]
+
+
+# ---------------------------------------------------------------------- run
+
+
+def run_decode(recipe: DecodeRecipe, progress: bool = True) -> dict[str, Any]:
+    """Decode every chain of the recipe; returns a summary (accuracy per cycle, timings, counts)."""
+    from tqdm import tqdm
+
+    from flash_rc.rollout.engine import RolloutEngine
+
+    options, cycle = recipe.flash_rc.decode, recipe.flash_rc.rc
+    val_kwargs = recipe.actor_rollout_ref.rollout.val_kwargs
+    CyclePrompts.from_config(cycle)  # fail on a bad template before the engine starts
+    grader = make_grader(options.grading)
+    problems = load_problems(recipe.data.val_files, options.offset, recipe.data.val_max_samples)
+    chains = [
+        ChainState(problem_id=p.problem_id, sample_id=s, problem=p.problem, ground_truth=p.ground_truth,
+                   data_source=p.data_source)
+        for p in problems
+        for s in range(val_kwargs.n)
+    ]
+    output = Path(options.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with RolloutEngine(engine_config(recipe.actor_rollout_ref, recipe.flash_rc.engine)) as engine, \
+            output.open("w") as sink, tqdm(total=len(chains), desc="chains", disable=not progress) as bar:
+        scheduler = CycleScheduler(engine, cycle, val_kwargs.sampling(), grader=grader)
+        runnable = [c for c in chains if c.problem.strip()]
+        finished: list[ChainState] = []
+
+        def on_chain_done(chain: ChainState) -> None:
+            sink.write(json.dumps(chain.to_record()) + "\n")
+            sink.flush()
+            finished.append(chain)
+            bar.update(1)
+            bar.set_postfix(last_cycle_acc=f"{accuracy_per_cycle(finished, cycle.num_cycles)[-1]:.3f}")
+
+        for chain in chains:  # empty problems become failed records, never engine calls
+            if not chain.problem.strip():
+                chain.status, chain.error = "failed", "empty problem text"
+                on_chain_done(chain)
+        asyncio.run(scheduler.run(runnable, on_chain_done=on_chain_done))
+    elapsed = time.perf_counter() - started
+    generated = sum(len(t.token_ids) for c in chains for t in c.turns)
+    return {
+        "chains": len(chains),
+        "failed": sum(c.status == "failed" for c in chains),
+        "accuracy_per_cycle": accuracy_per_cycle(chains, cycle.num_cycles),
+        "generated_tokens": generated,
+        "seconds": elapsed,
+        "tokens_per_second": generated / elapsed if elapsed else 0.0,
+        "output": str(output),
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = [f"{'cycle':>5}  {'pass@1':>7}"]
+    lines += [f"{t:>5}  {acc:>7.3f}" for t, acc in enumerate(summary["accuracy_per_cycle"], 1)]
+    lines.append(
+        f"{summary['chains']} chains ({summary['failed']} failed), {summary['generated_tokens']} tokens in "
+        f"{summary['seconds']:.1f}s ({summary['tokens_per_second']:.0f} tok/s) -> {summary['output']}"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="flash-rc decode", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="recipe YAML (verl key names + flash_rc section)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. flash_rc.rc.num_cycles=4")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    recipe = load_recipe(DecodeRecipe, args.config, args.overrides)
+    print(format_summary(run_decode(recipe, progress=not args.no_progress)))
+    return 0
