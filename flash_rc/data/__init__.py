@@ -1,0 +1,1 @@
+"""Data prep: local datasets -> verl-schema RL parquet files (``flash-rc data``, see ``cli.py``)."""

@@ -1,0 +1,97 @@
+"""DAPO math scorer with verl's semantics (``verl.utils.reward_score.math_dapo``), returning the reward contract.
+
+Why exact: DAPO-Math-17k prompts ask for a final ``Answer: ...`` line and DAPO runs are compared by this reward, so
+flash_rc reproduces it rather than "improving" it:
+
+* only the last 300 characters of the response count;
+* the last ``Answer: <text>`` line (case-insensitive) is normalised with the Minerva rules (Lewkowycz et al. 2022,
+  "Solving Quantitative Reasoning Problems with Language Models", answer normalisation) and compared for string
+  equality with the equally normalised ground truth;
+* without such a line, the last ``\\boxed{...}`` in the final 100 characters is compared *verbatim* with the
+  ground truth;
+* reward is +1 when correct, -1 otherwise (including no answer at all).
+
+One deliberate difference: a response with no answer is never correct (verl counts it correct when the ground truth
+is literally its placeholder ``[INVALID]``).
+
+``strict_box_verify=True`` skips the ``Answer:`` line and uses only the boxed answer; ``pause_tokens_index`` (four
+character offsets) moves that 100-character window to end at the last pause token, as in verl.
+"""
+
+from __future__ import annotations
+
+import re
+
+from flash_rc.rewards.boxed import last_boxed
+from flash_rc.rewards.types import RewardResult, reward_result
+
+RESPONSE_TAIL_CHARS = 300
+BOXED_TAIL_CHARS = 100
+_ANSWER_LINE = re.compile(r"(?i)Answer\s*:\s*([^\n]+)")
+_NO_ANSWER = "[INVALID]"  # verl's placeholder; a normalised answer equal to it counts as no answer, as in verl
+
+# Minerva normalisation, applied in this order.
+_REPLACEMENTS = [  # (old, new) plain substring replacements
+    ("an ", ""), ("a ", ""), (".$", "$"), ("\\$", ""), ("\\ ", ""), (" ", ""), ("mbox", "text"),
+    (",\\text{and}", ","), ("\\text{and}", ","), ("\\text{m}", "\\text{}"),
+]
+_UNIT_WORDS = [  # removed wherever they occur
+    "square", "ways", "integers", "dollars", "mph", "inches", "hours", "km", "units", "\\ldots", "sue", "points",
+    "feet", "minutes", "digits", "cents", "degrees", "cm", "gm", "pounds", "meters", "meals", "edges", "students",
+    "childrentickets", "multiples", "\\text{s}", "\\text{.}", "\\text{\ns}", "\\text{}^2", "\\text{}^3",
+    "\\text{\n}", "\\text{}", "\\mathrm{th}", "^\\circ", "^{\\circ}", "\\;", ",\\!", "{,}", '"', "\\dots",
+]
+_REGEX_REWRITES = [  # (pattern, replacement); "." never crosses a newline
+    (re.compile(r".*?\$(.*?)\$.*"), r"$\1$"),  # keep only the first inline-math span of each line
+    (re.compile(r"\\text\{(.*?)\}"), r"\1"),
+    (re.compile(r"\\textbf\{(.*?)\}"), r"\1"),
+    (re.compile(r"\\overline\{(.*?)\}"), r"\1"),
+    (re.compile(r"\\boxed\{(.*)\}"), r"\1"),
+    (re.compile(r"frac([^{])(.)"), r"frac{\1}{\2}"),  # \fracab -> \frac{a}{b}
+    (re.compile(r"sqrt([^{])"), r"sqrt{\1}"),  # \sqrta -> \sqrt{a}
+]
+
+
+def normalize_final_answer(answer: str) -> str:
+    """Minerva normalisation of a final answer: drop units and LaTeX decoration, keep the right-hand side."""
+    answer = answer.split("=")[-1]
+    for old, new in _REPLACEMENTS:
+        answer = answer.replace(old, new)
+    for word in _UNIT_WORDS:
+        answer = answer.replace(word, "")
+    for pattern, replacement in _REGEX_REWRITES:
+        answer = pattern.sub(replacement, answer)
+    answer = answer.replace("$", "")
+    if answer.replace(",", "").isdigit():
+        answer = answer.replace(",", "")
+    return answer.strip()
+
+
+def _boxed_verdict(response_tail: str, ground_truth: str,
+                   pause_tokens_index: list[int] | None) -> tuple[bool, str | None]:
+    if pause_tokens_index is not None:
+        if len(pause_tokens_index) != 4:
+            raise ValueError(f"pause_tokens_index must hold 4 offsets, got {pause_tokens_index!r}")
+        window = response_tail[pause_tokens_index[-1] - BOXED_TAIL_CHARS:]
+    else:
+        window = response_tail[-BOXED_TAIL_CHARS:]
+    boxed = last_boxed(window, commands=("\\boxed",))
+    return boxed == ground_truth, boxed
+
+
+def compute_score(solution_str: str, ground_truth: str, extra_info: dict | None = None,
+                  strict_box_verify: bool = False, pause_tokens_index: list[int] | None = None) -> RewardResult:
+    """Score one response: +1 if its final answer matches ``ground_truth``, else -1."""
+    ground_truth = str(ground_truth)
+    tail = solution_str[-RESPONSE_TAIL_CHARS:]
+    if strict_box_verify:
+        correct, pred = _boxed_verdict(tail, ground_truth, pause_tokens_index)
+    else:
+        answer_lines = _ANSWER_LINE.findall(tail)
+        pred = normalize_final_answer(answer_lines[-1]) if answer_lines else _NO_ANSWER
+        correct = pred == normalize_final_answer(ground_truth)
+        if pred == _NO_ANSWER:
+            correct, pred = _boxed_verdict(tail, ground_truth, pause_tokens_index)
+    if pred is None:
+        return reward_result(-1.0, False, None, "no_answer")
+    return reward_result(1.0 if correct else -1.0, correct, pred, "correct" if correct else "wrong_answer")

@@ -1,0 +1,36 @@
+"""The reward contract and its normalisation of third-party scorer returns."""
+
+import pytest
+
+from flash_rc.rewards.types import as_text, failed_result, normalize_result, reward_result
+
+
+def test_reward_result_coerces_types():
+    assert reward_result(1, 1, "x", "correct") == {"score": 1.0, "acc": True, "pred": "x", "reason": "correct"}
+    assert failed_result("timeout") == {"score": 0.0, "acc": False, "pred": None, "reason": "timeout"}
+
+
+def test_normalize_float_and_dict_returns():
+    assert normalize_result(0.5) == {"score": 0.5, "acc": True, "pred": None, "reason": "ok"}
+    assert normalize_result(-1) == {"score": -1.0, "acc": False, "pred": None, "reason": "ok"}
+    # verl-style dicts: missing keys are filled, acc defaults to score > 0, pred becomes a string
+    assert normalize_result({"score": 1.0, "pred": 3}) == {"score": 1.0, "acc": True, "pred": "3", "reason": "ok"}
+    assert normalize_result({"score": 0.0, "acc": True, "reason": "r"})["acc"] is True
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"acc": True}, "without 'score'"),
+    ("1.0", "number or a dict"),
+    (True, "number or a dict"),  # a bool is a verdict, not a score
+    (None, "number or a dict"),
+])
+def test_normalize_rejects_non_scores(bad, message):
+    with pytest.raises(TypeError, match=message):
+        normalize_result(bad)
+
+
+def test_as_text_decodes_invalid_utf8():
+    assert as_text(b"ok \xff\xfe #### 7") == "ok \ufffd\ufffd #### 7"
+    assert as_text("already text") == "already text"
+    with pytest.raises(TypeError, match="str or bytes"):
+        as_text(7)
