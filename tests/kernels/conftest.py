@@ -14,7 +14,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
-    for name in ("flash_rc.kernels.tis_loss", "flash_rc.kernels.linear_logprob", "flash_rc.kernels"):
+    for name in ("flash_rc.kernels.tis_loss", "flash_rc.kernels.linear_logprob", "flash_rc.kernels.quant",
+                 "flash_rc.kernels"):
         if name in sys.modules:
             importlib.reload(sys.modules[name])
 
