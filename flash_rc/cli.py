@@ -9,6 +9,7 @@ import sys
 
 SUBCOMMANDS = {
     "decode": ("flash_rc.rc.decode", "RC decoding over a problem file, accuracy per cycle"),
+    "data": ("flash_rc.data.cli", "convert GSM8K / math datasets to verl parquet rows, validate files"),
     "models": ("flash_rc.models", "build / list the offline built-in models"),
 }
 

@@ -104,11 +104,12 @@ def build_tiny_tokenizer(out_dir: Path):
     return fast
 
 
-def build_tiny_qwen2(out_dir: Path, seed: int = 0) -> None:
-    """A 2-layer Qwen2 (hidden 128, head_dim 32, untied lm_head) with weights drawn from a fixed seed.
+def build_tiny_qwen2(out_dir: Path, seed: int = 0, tie_word_embeddings: bool = False) -> None:
+    """A 2-layer Qwen2 (hidden 128, head_dim 32) with weights drawn from a fixed seed.
 
     The init scale is large enough that next-token distributions are far from uniform, so logprob comparisons
-    between vLLM and HF are meaningful. lm_head is untied so that tests can zero it without touching embeddings.
+    between vLLM and HF are meaningful. lm_head is untied by default so that tests can zero it without touching
+    embeddings; ``tie_word_embeddings=True`` builds the tied variant (like SmolLM2) for tests of tied weights.
     """
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -124,7 +125,7 @@ def build_tiny_qwen2(out_dir: Path, seed: int = 0) -> None:
         num_key_value_heads=2,
         head_dim=32,
         max_position_embeddings=4096,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
         initializer_range=0.25,
         bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),

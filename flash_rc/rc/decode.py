@@ -42,8 +42,8 @@ class DecodeOptions(Section):
     offset: int = Field(0, ge=0)
     """Skip this many problems first."""
     grading: Literal["boxed", "data_source"] = "boxed"
-    """``boxed``: grade the last \\boxed{} answer of each reasoning turn against the ground truth (what the RC
-    prompt asks for); ``data_source``: use the row's data_source scorer (e.g. GSM8K strict ``####``)."""
+    """``boxed``: grade the last \\boxed{} answer of each reasoning turn against the ground truth with math-verify
+    (what the RC prompt asks for); ``data_source``: the row's own scorer (e.g. GSM8K strict ``####``)."""
 
 
 class FlashRCDecodeSection(Section):
@@ -127,12 +127,12 @@ def load_problems(files: str | list[str], offset: int = 0, limit: int = -1) -> l
 
 def make_grader(grading: str):
     """A scheduler grader: score each reasoning turn with flash_rc's time-limited reward router."""
-    from flash_rc.rewards.router import compute_score
+    from flash_rc.rewards import compute_score
 
     def grade(chain: ChainState, turn: Turn) -> None:
         if chain.ground_truth is None:
             return
-        data_source = "math" if grading == "boxed" else chain.data_source
+        data_source = "flash_rc/boxed" if grading == "boxed" else chain.data_source
         result = compute_score(data_source, turn.raw_text, chain.ground_truth)
         turn.pred, turn.score, turn.correct = result["pred"], float(result["score"]), bool(result["acc"])
 

