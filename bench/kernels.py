@@ -29,6 +29,7 @@ from flash_rc.algo.losses import PolicyLossConfig, PolicyLossInputs, tis_policy_
 from flash_rc.algo.rollout_correction import RolloutCorrectionConfig
 from flash_rc.kernels.linear_logprob import default_chunk_tokens, fused_linear_logprob
 from flash_rc.kernels.tis_loss import NUM_ROW_STATS, fused_tis_loss
+from memory_floor import copy_bandwidth
 
 LOSS_CONFIG = PolicyLossConfig(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=10.0)
 TOKEN_TIS = RolloutCorrectionConfig(level="token", threshold=2.0)
@@ -74,14 +75,6 @@ def time_ms(fn, grad_to_none) -> float:
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=25, rep=200, grad_to_none=grad_to_none, return_mode="median")
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth in bytes/s (1 GiB read + 1 GiB written per copy)."""
-    src = torch.empty(GIB // 4, dtype=torch.float32, device="cuda")
-    dst = torch.empty_like(src)
-    seconds = time_ms(lambda: dst.copy_(src), None) / 1e3
-    return 2 * GIB / seconds
 
 
 def peak_gib(fn, tensors) -> float:

@@ -23,6 +23,7 @@ import torch
 
 from flash_rc.kernels import quant as triton_quant
 from flash_rc.rollout import quant as reference
+from memory_floor import copy_bandwidth
 
 SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))
 QUANTIZERS = ("int8", "int8 frozen", "fp8 tensor", "fp8 channel", "fp8 block")
@@ -83,10 +84,7 @@ def bench_gpu() -> None:
     import triton
 
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
-    source = torch.empty(1 << 28, dtype=torch.float32, device="cuda")  # 1 GiB
-    target = torch.empty_like(source)
-    bandwidth = 2 * source.nbytes / (median_ms(lambda: target.copy_(source)) / 1e3)
-    del source, target
+    bandwidth = copy_bandwidth("cuda")
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s; times in µs, ratios to the HBM floor (read bf16 + write codes)")
     vllm = vllm_quantizers()
     counter = torch.zeros(1, dtype=torch.int32, device="cuda")

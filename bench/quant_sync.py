@@ -13,28 +13,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
-from flash_rc.rollout.engine import CheckpointTensors, EngineConfig, RolloutEngine
+from flash_rc.rollout.checkpoint import CheckpointTensors
+from flash_rc.rollout.engine import EngineConfig, RolloutEngine
 from flash_rc.rollout.sync import sync
-
-
-def copy_bandwidth(device: str, gib: float = 1.0) -> float:
-    """Bytes/s of a large tensor copy (read + write counted) on ``device``."""
-    source = torch.empty(int(gib * 2**30), dtype=torch.uint8, device=device)
-    target = torch.empty_like(source)
-    timings = []
-    for _ in range(5):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        target.copy_(source)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        timings.append(time.perf_counter() - start)
-    return 2 * source.numel() / min(timings)
+from memory_floor import copy_bandwidth
 
 
 def main() -> None:

@@ -24,9 +24,8 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -34,6 +33,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flash_rc.models import resolve_model
 from flash_rc.rollout import vllm_compat
+from flash_rc.rollout.checkpoint import (
+    CheckpointTensors,
+    checkpoint_shapes,
+    stream_in_layer_order,
+    validate_weights,
+)
 from flash_rc.rollout.formats import (
     FP8Granularity,
     Precision,
@@ -64,10 +69,6 @@ Prompt = str | Sequence[Mapping[str, str]] | Sequence[int]
 
 class PromptTooLongError(ValueError):
     """The prompt leaves no room in the context window for even one generated token."""
-
-
-class WeightUpdateError(ValueError):
-    """A weight update was rejected before any engine weight was touched."""
 
 
 class UnsupportedPrecisionError(ValueError):
@@ -111,6 +112,11 @@ class EngineConfig(BaseModel):
     ``dtype``."""
     fp8_granularity: FP8Granularity = "channel"
     """FP8 weight scales: per output ``channel`` (CPU and GPU), per ``tensor`` or per 128x128 ``block`` (GPU)."""
+    quantizer: Literal["flash_rc", "vllm"] = "flash_rc"
+    """Who quantizes the synced weights. ``flash_rc``: our quantizers (bit-identical to vLLM's conventions) into a
+    compressed-tensors W8A8 engine, with frozen or refreshed scales and update-visibility metrics. ``vllm`` (FP8
+    only): vLLM's own online FP8 quantization (``fp8`` / ``fp8_per_channel`` / ``fp8_per_block``) re-quantizes the
+    bf16 weights it receives; scales are always refreshed and no visibility metrics are reported."""
     scales: ScaleMode = "refresh"
     """``refresh``: quantization scales recomputed from every synced weight; ``frozen``: computed once at start
     (Flash RL's INT8 semantics; small updates may round away, watch ``sync/update_lost_fraction``)."""
@@ -193,18 +199,20 @@ class RolloutEngine:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.checkpoint_shapes = _checkpoint_shapes(self.model_path)
+        self.checkpoint_shapes = checkpoint_shapes(self.model_path)
         self._llm = self._start_vllm(config)
         self._engine = self._llm.llm_engine
         self._model_version = 0
+        self.quantized_by_flash_rc = config.precision != "bf16" and config.quantizer == "flash_rc"
         self.weight_format = WeightFormat(
             precision=config.precision,
             fp8_granularity=config.fp8_granularity,
             scales=config.scales,
             quantized_names=self._quantized_checkpoint_names(),
             visibility_sample=config.visibility_sample,
+            dtype=getattr(torch, config.dtype),
         )
-        if config.precision != "bf16":  # the engine started from dummy weights: stream the real ones in, quantized
+        if self.quantized_by_flash_rc:  # the engine started from dummy weights: stream the real ones in, quantized
             self._apply_weights(CheckpointTensors(self.model_path), inflight="wait")
             self.weight_format.take_visibility()
             self._model_version = 0  # the weights the engine starts with
@@ -226,7 +234,8 @@ class RolloutEngine:
         check_platform_support(config, self.on_cpu)
         vllm_compat.keep_onednn_scales_alive()
         hf_overrides: dict[str, Any] = {}
-        if config.precision != "bf16":
+        ours = config.precision != "bf16" and config.quantizer == "flash_rc"
+        if ours:
             hf_overrides["quantization_config"] = compressed_tensors_config(config.precision, config.fp8_granularity)
         if config.fp32_lm_head:
             hf_overrides["head_dtype"] = "float32"
@@ -243,18 +252,20 @@ class RolloutEngine:
             max_logprobs=0,
             kv_cache_dtype=config.kv_cache_dtype,
             hf_overrides=hf_overrides,
-            load_format="dummy" if config.precision != "bf16" else "auto",
+            load_format="dummy" if ours else "auto",
         )
         if self.on_cpu:
             kwargs["kv_cache_memory_bytes"] = int(config.kv_cache_gib * (1 << 30))
         else:
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
+        if config.precision == "fp8" and config.quantizer == "vllm":
+            kwargs["quantization"] = VLLM_ONLINE_FP8[config.fp8_granularity]
         kwargs.update(config.engine_kwargs)
         return LLM(**kwargs)
 
     def _quantized_checkpoint_names(self) -> frozenset[str]:
-        """Checkpoint weight names the engine holds quantized (empty for bf16)."""
-        if self.config.precision == "bf16":
+        """Checkpoint weight names flash_rc quantizes on sync (empty for bf16 and for vLLM's online FP8)."""
+        if not self.quantized_by_flash_rc:
             return frozenset()
         modules = self._llm.apply_model(vllm_compat.quantized_linear_modules)[0]
         names = frozenset(f"{part}.weight" for parts in modules.values() for part in parts)
@@ -479,100 +490,17 @@ class RolloutEngine:
         self.close()
 
 
-# ---------------------------------------------------------------------- weight helpers
-
-
-def _checkpoint_shapes(model_path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor names and shapes of an HF safetensors checkpoint, read from file headers (no weights loaded)."""
-    from safetensors import safe_open
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    for file in sorted(model_path.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                shapes[name] = tuple(f.get_slice(name).get_shape())
-    if not shapes:
-        raise FileNotFoundError(f"no *.safetensors weights in {model_path}")
-    return shapes
-
-
-def validate_weights(
-    weights: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], strict: bool = True
-) -> None:
-    """Reject an update whose names, shapes, dtypes or values cannot be loaded, naming every offending tensor."""
-    if not isinstance(weights, Mapping):
-        raise WeightUpdateError(
-            "weights must be a mapping name -> tensor (e.g. a state dict) so they can be validated before loading"
-        )
-    problems = []
-    unknown = sorted(set(weights) - set(expected))
-    if unknown:
-        problems.append(f"unknown tensors (not in the checkpoint): {unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
-    missing = sorted(set(expected) - set(weights)) if strict else []
-    if missing:
-        problems.append(f"missing tensors (strict update): {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    for name, tensor in weights.items():
-        if name not in expected:
-            continue
-        if tuple(tensor.shape) != tuple(expected[name]):
-            problems.append(f"{name}: shape {tuple(tensor.shape)} != checkpoint shape {tuple(expected[name])}")
-        elif not tensor.is_floating_point():
-            problems.append(f"{name}: dtype {tensor.dtype} is not a floating-point dtype")
-        elif not bool(torch.isfinite(_local(tensor)).all()):
-            problems.append(f"{name}: contains NaN or inf")
-    if problems:
-        raise WeightUpdateError("weight update rejected, engine weights unchanged:\n  " + "\n  ".join(problems))
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """The locally held part of a (possibly distributed) tensor, without communication."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
-def _layer_index(name: str) -> tuple[int, str]:
-    """Sort key putting tensors of the same decoder layer together, embeddings first and the head last."""
-    parts = name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part == "layers" and parts[i + 1].isdigit():
-            return (int(parts[i + 1]) + 1, name)
-    return (0 if "embed" in name else 1 << 30, name)
-
-
-def stream_in_layer_order(weights: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, full tensor)`` one at a time in decoder-layer order, gathering DTensors lazily."""
-    for name in sorted(weights, key=_layer_index):
-        tensor = weights[name]
-        if hasattr(tensor, "full_tensor"):
-            tensor = tensor.full_tensor()
-        yield name, tensor.detach()
-
-
-class CheckpointTensors(Mapping):
-    """The tensors of an HF safetensors folder as a lazy mapping: each tensor is read when it is streamed."""
-
-    def __init__(self, model_path: Path):
-        from safetensors import safe_open
-
-        self._files = {}
-        for file in sorted(model_path.glob("*.safetensors")):
-            with safe_open(file, framework="pt") as f:
-                self._files.update({name: file for name in f.keys()})
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        with safe_open(self._files[name], framework="pt") as f:
-            return f.get_tensor(name)
-
-    def __iter__(self):
-        return iter(self._files)
-
-    def __len__(self) -> int:
-        return len(self._files)
+# vLLM's online FP8 quantization methods (quantization shorthands) per weight granularity.
+VLLM_ONLINE_FP8 = {"tensor": "fp8", "channel": "fp8_per_channel", "block": "fp8_per_block"}
 
 
 def check_platform_support(config: EngineConfig, on_cpu: bool) -> None:
     """Refuse precisions the platform cannot run, before any engine start-up cost."""
+    if config.quantizer == "vllm" and (config.precision != "fp8" or config.scales != "refresh"):
+        raise UnsupportedPrecisionError(
+            "quantizer=vllm is vLLM's online FP8 quantization: it needs precision=fp8 and scales=refresh "
+            "(vLLM recomputes scales on every reload); use quantizer=flash_rc for int8 or frozen scales"
+        )
     if config.fp32_lm_head and not vllm_compat.supports_head_dtype():
         raise UnsupportedPrecisionError("this vLLM version cannot run an fp32 lm_head (no head_dtype override)")
     if on_cpu:

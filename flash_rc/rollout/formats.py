@@ -20,6 +20,7 @@ from typing import Any, Iterator, Literal
 
 import torch
 
+from flash_rc.kernels.quant import quantize_fp8, quantize_int8_per_channel  # Triton on CUDA, the reference elsewhere
 from flash_rc.rollout import quant
 
 Precision = Literal["bf16", "int8", "fp8"]
@@ -117,6 +118,8 @@ class WeightFormat:
     """Checkpoint names of the weights the engine quantizes (read from the engine's modules)."""
     visibility_sample: float = 1 / 64
     """Fraction of each quantized tensor's rows tracked for the visibility metric (0: off, 1: exact)."""
+    dtype: torch.dtype = torch.bfloat16
+    """The engine's dtype: unquantized tensors are cast to it on the way (a learner may hold float32 masters)."""
     _frozen: dict[str, torch.Tensor] = field(default_factory=dict)
     _tracked: dict[str, _TrackedRows] = field(default_factory=dict)
     _visibility: UpdateVisibility = field(default_factory=UpdateVisibility)
@@ -124,13 +127,13 @@ class WeightFormat:
     def convert(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         """The engine-format tensors for one learner tensor: itself, or ``name`` (codes) + ``name_scale``."""
         if name not in self.quantized_names:
-            yield name, tensor
+            yield name, tensor.to(self.dtype)
             return
         frozen = self._frozen.get(name) if self.scales == "frozen" else None
         if self.precision == "int8":
-            codes, scale = quant.quantize_int8_per_channel(tensor, scale=frozen)
+            codes, scale = quantize_int8_per_channel(tensor, scale=frozen, name=name)
         else:
-            codes, scale = quant.quantize_fp8(tensor, self.fp8_granularity, FP8_BLOCK, scale=frozen)
+            codes, scale = quantize_fp8(tensor, self.fp8_granularity, FP8_BLOCK, scale=frozen, name=name)
         if self.scales == "frozen" and name not in self._frozen:
             self._frozen[name] = scale
         if self.visibility_sample > 0:

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from flash_rc.kernels import quant as triton_quant
-from flash_rc.rollout import quant as reference
 
 QUANTIZERS = {
     "int8": lambda w, scale=None, **kw: triton_quant.quantize_int8_per_channel(w, scale, **kw),

@@ -11,14 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from flash_rc.rollout.engine import (
-    EngineConfig,
-    PromptTooLongError,
-    RolloutEngine,
-    SamplingConfig,
-    WeightUpdateError,
-    stream_in_layer_order,
-)
+from flash_rc.rollout.checkpoint import WeightUpdateError, stream_in_layer_order
+from flash_rc.rollout.engine import EngineConfig, PromptTooLongError, RolloutEngine, SamplingConfig
 
 CHATS = [[{"role": "user", "content": f"What is {i} + 4? Answer in \\boxed{{}}."}] for i in range(6)]
 

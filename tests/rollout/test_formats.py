@@ -93,8 +93,8 @@ def test_small_rl_updates_round_away_with_frozen_int8_scales():
 def test_convert_passes_unquantized_tensors_and_freezes_scales():
     fmt = WeightFormat(precision="int8", scales="frozen", quantized_names=frozenset({"w"}), visibility_sample=1.0)
     weight = torch.tensor([[1.0, -2.0], [0.5, 0.25]])
-    bias = torch.ones(2)
-    assert list(fmt.convert("b", bias)) == [("b", bias)]
+    ((name, bias),) = fmt.convert("b", torch.ones(2))  # unquantized: passed on in the engine dtype (bf16)
+    assert name == "b" and bias.dtype == torch.bfloat16 and bias.tolist() == [1.0, 1.0]
     (name, codes), (scale_name, scale) = fmt.convert("w", weight)
     # per-row amax / 127: [2/127, 0.5/127]; codes round(w / s): [[64, -127], [127, 64]] (63.5 → 64, half to even)
     assert (name, scale_name) == ("w", "w_scale")

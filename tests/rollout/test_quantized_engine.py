@@ -23,14 +23,8 @@ from transformers import AutoModelForCausalLM
 
 from flash_rc.models import build_tiny_qwen2
 from flash_rc.rollout import quant
-from flash_rc.rollout.engine import (
-    CheckpointTensors,
-    EngineConfig,
-    SamplingConfig,
-    UnsupportedPrecisionError,
-    WeightUpdateError,
-    check_platform_support,
-)
+from flash_rc.rollout.checkpoint import CheckpointTensors, WeightUpdateError
+from flash_rc.rollout.engine import EngineConfig, SamplingConfig, UnsupportedPrecisionError, check_platform_support
 from flash_rc.rollout.sync import sync
 
 PROMPTS = [[{"role": "user", "content": f"What is {i} + 4?"}] for i in range(4)]
@@ -51,29 +45,34 @@ def checkpoint(tiny_model):
     return {name: tensor.clone() for name, tensor in CheckpointTensors(tiny_model).items()}
 
 
-def dequantized(weight, precision):
+def dequantized(weight, precision, granularity="channel"):
     if precision == "int8":
         return quant.dequantize_int8(*quant.quantize_int8_per_channel(weight), dtype=torch.float32)
-    return quant.dequantize_fp8(*quant.quantize_fp8(weight, "channel"), "channel", dtype=torch.float32)
+    return quant.dequantize_fp8(*quant.quantize_fp8(weight, granularity), granularity, dtype=torch.float32)
 
 
-def fake_quant_activations(x, precision):
-    x = x.float()
+def fake_quant_activations(x, precision, group=None):
+    """Per-token dynamic quantization of a linear input (per 1 x ``group`` slice for block FP8)."""
+    shape, x = x.shape, x.float()
+    if group is not None:
+        x = x.reshape(*shape[:-1], shape[-1] // group, group)
     if precision == "int8":
         step = x.abs().amax(-1, keepdim=True).clamp_min(1e-10) / 127
-        return torch.round(x / step).clamp(-128, 127) * step
+        return (torch.round(x / step).clamp(-128, 127) * step).reshape(shape)
     step = x.abs().amax(-1, keepdim=True).clamp_min(1e-10) / 448
-    return (x / step).to(torch.float8_e4m3fn).float() * step
+    return ((x / step).to(torch.float8_e4m3fn).float() * step).reshape(shape)
 
 
-def w8a8_reference(model_path, weights, quantized_names, precision):
+def w8a8_reference(model_path, weights, quantized_names, precision, granularity="channel"):
     """HF model with quantize→dequantize weights and per-token fake-quantized linear inputs."""
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    state = {name: dequantized(w, precision) if name in quantized_names else w for name, w in weights.items()}
+    state = {name: dequantized(w, precision, granularity) if name in quantized_names else w
+             for name, w in weights.items()}
     model.load_state_dict(state, strict=False)
+    group = 128 if granularity == "block" else None
     for name, module in model.named_modules():
         if f"{name}.weight" in quantized_names:
-            module.register_forward_pre_hook(lambda _, args: (fake_quant_activations(args[0], precision),))
+            module.register_forward_pre_hook(lambda _, args: (fake_quant_activations(args[0], precision, group),))
     return model
 
 
@@ -218,3 +217,94 @@ def test_unsupported_precisions_fail_before_start_up():
     with pytest.raises(UnsupportedPrecisionError, match="KV cache needs a CUDA GPU"):
         check_platform_support(EngineConfig(kv_cache_dtype="fp8"), on_cpu=True)
     check_platform_support(EngineConfig(precision="int8", fp32_lm_head=True), on_cpu=True)  # supported here
+
+
+def test_vllm_online_fp8_requantizes_every_sync(engine_slot, tiny_model, checkpoint):
+    # quantizer="vllm": vLLM's own online FP8 (fp8_per_channel here) re-quantizes the bf16 weights it is sent.
+    engine = engine_slot.get(engine_config(tiny_model, dtype="bfloat16", precision="fp8", quantizer="vllm"))
+    assert engine.weight_format.quantized_names == frozenset()  # flash_rc sends bf16, vLLM quantizes
+    generator = torch.Generator().manual_seed(1)
+    perturbed = {n: w + 0.02 * torch.randn(w.shape, generator=generator) if w.ndim == 2 else w
+                 for n, w in checkpoint.items()}
+    report = sync(engine, perturbed)
+    assert "sync/codes_changed_fraction" not in report.metrics  # no codes on our side to compare
+
+    def engine_qkv(model):
+        layer = model.model.layers[0].self_attn.qkv_proj
+        return layer.weight.detach().clone(), layer.weight_scale.detach().clone()
+
+    codes, scale = engine.apply_model(engine_qkv)
+    # what our reference quantizer makes of the synced (bf16) weights, fused like vLLM's qkv_proj
+    parts = [quant.quantize_fp8(perturbed[f"model.layers.0.self_attn.{p}_proj.weight"].to(torch.bfloat16), "channel")
+             for p in "qkv"]
+    expected_codes = torch.cat([c for c, _ in parts])
+    assert codes.dtype == torch.float8_e4m3fn and codes.shape == expected_codes.T.shape  # stored [in, out]
+    assert torch.equal(codes.T.contiguous().view(torch.uint8), expected_codes.view(torch.uint8))
+    torch.testing.assert_close(scale, torch.cat([s for _, s in parts]), rtol=0, atol=0)
+    zeroed = dict(checkpoint, **{"lm_head.weight": torch.zeros_like(checkpoint["lm_head.weight"])})
+    sync(engine, zeroed)
+    (completion,), = engine.generate(PROMPTS[:1], SamplingConfig(max_tokens=6, seed=0))
+    assert completion.logprobs == pytest.approx([-math.log(632)] * 6, abs=1e-5)
+
+
+def test_vllm_quantizer_is_fp8_with_refreshed_scales_only():
+    for bad in (dict(precision="int8", quantizer="vllm"), dict(precision="fp8", quantizer="vllm", scales="frozen")):
+        with pytest.raises(UnsupportedPrecisionError, match="quantizer=vllm"):
+            check_platform_support(EngineConfig(**bad), on_cpu=True)
+
+
+def test_sync_from_an_fsdp2_module(engine_slot, tiny_model, checkpoint):
+    # The in-process engine already runs a (gloo, world size 1) process group: fully_shard builds real DTensors on it
+    # and the sync gathers each one with full_tensor() as it streams.
+    from torch.distributed.fsdp import fully_shard
+
+    engine = engine_slot.get(engine_config(tiny_model, **CONFIGS["int8"]))
+    learner = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    with torch.no_grad():
+        for parameter in learner.parameters():
+            parameter.add_(0.01 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(0)))
+    plain = {n: t.detach().clone() for n, t in learner.state_dict().items()}
+    for layer in learner.model.layers:
+        fully_shard(layer)
+    fully_shard(learner)
+    assert type(learner.state_dict()["model.layers.0.mlp.up_proj.weight"]).__name__ == "DTensor"
+
+    sampling = SamplingConfig(max_tokens=12, seed=2)
+    report = sync(engine, learner)
+    assert report.tensors == 27 and report.metrics["sync/codes_changed_fraction"] > 0.5
+    from_fsdp = engine.generate(PROMPTS, sampling)
+    again = sync(engine, plain)  # the same weights from a plain state dict: nothing changes
+    assert again.metrics["sync/codes_changed_fraction"] == 0.0
+    assert [c[0].token_ids for c in engine.generate(PROMPTS, sampling)] == [c[0].token_ids for c in from_fsdp]
+    sync(engine, checkpoint)
+
+
+def test_fp32_lm_head(engine_slot, tiny_model):
+    engine = engine_slot.get(engine_config(tiny_model, dtype="bfloat16", precision="int8", fp32_lm_head=True))
+    assert engine._llm.llm_engine.model_config.head_dtype == torch.float32
+    (completion,), = engine.generate(PROMPTS[:1], SamplingConfig(max_tokens=6, seed=0))
+    assert len(completion.logprobs) == 6 and all(math.isfinite(x) for x in completion.logprobs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_cuda_fp8_engines(engine_slot, tmp_path_factory, granularity, kv_cache_dtype):
+    """CUDA FP8 W8A8 (cutlass / DeepGEMM kernels) and an FP8 KV cache: the engine follows a W8A8 reference more
+    closely than the unquantized model, and zeroing lm_head still gives uniform logprobs. Block FP8 needs dims that
+    are multiples of 128, hence a tiny model with hidden 128 and intermediate 256 works as is."""
+    model = tmp_path_factory.mktemp("cuda-fp8")
+    build_tiny_qwen2(model)
+    engine = engine_slot.get(EngineConfig(model=str(model), dtype="bfloat16", precision="fp8",
+                                          fp8_granularity=granularity, kv_cache_dtype=kv_cache_dtype,
+                                          max_model_len=512, gpu_memory_utilization=0.3, visibility_sample=1.0))
+    weights = dict(CheckpointTensors(model))
+    names = engine.weight_format.quantized_names
+    quantized = logprob_errors(engine, w8a8_reference(model, weights, names, "fp8", granularity))
+    unquantized = logprob_errors(engine, AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32))
+    assert quantized.mean() < unquantized.mean()
+    sync(engine, dict(weights, **{"lm_head.weight": torch.zeros_like(weights["lm_head.weight"])}))
+    (completion,), = engine.generate(PROMPTS[:1], SamplingConfig(max_tokens=6, seed=0))
+    assert completion.logprobs == pytest.approx([-math.log(632)] * 6, abs=1e-3)
+    engine_slot.close()
+
