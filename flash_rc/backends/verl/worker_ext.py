@@ -1,0 +1,266 @@
+"""INT8 (W8A8) rollouts in verl 0.9.1 without a fork: a vLLM worker extension that requantizes every weight sync.
+
+verl builds each rollout vLLM engine from ``actor_rollout_ref.rollout.engine_kwargs.vllm``, spread *last* into the
+engine arguments, so the keys from :func:`vllm_engine_kwargs` turn verl's engine into a compressed-tensors W8A8
+engine started from dummy weights: ``quantization: compressed-tensors``, ``hf_overrides.quantization_config`` (the
+same description flash_rc's own engine uses), ``load_format: dummy`` and ``worker_extension_cls`` naming
+:class:`Int8RolloutWorkerExtension`.
+
+On every weight sync verl's trainer streams full bf16 tensors with ``BucketedWeightSender`` (ZMQ + CUDA IPC, or shared
+memory) and calls ``update_weights_from_ipc`` on each vLLM worker. verl's own extension loads each bucket with
+``model.load_weights`` and runs ``process_weights_after_loading`` over the whole model at the end: right for bf16,
+wrong for INT8 (bf16 values copied into int8 parameters; post-processing re-run on layers already processed). Our
+override keeps verl's transport — the same ``BucketedWeightReceiver`` — and changes what each bucket becomes: every
+tensor goes through flash_rc's :class:`~flash_rc.rollout.formats.WeightFormat` (per-channel INT8 codes + float32
+scales for the engine's quantized linears, everything else cast to the engine dtype) and into vLLM's layerwise
+reload, which processes
+a layer once all its tensors arrived and copies the result into the engine's existing parameter storage. That is the
+code path of flash_rc's in-process engine, so both produce the same engine weights from the same learner weights.
+On CPU (oneDNN kernels) the worker applies :func:`~flash_rc.rollout.vllm_compat.keep_onednn_scales_alive`; CUDA
+kernels keep all state in parameters.
+
+Worker settings come from environment variables, read when vLLM creates the worker (a bad value fails the engine
+start), because vLLM workers are separate processes configured by verl (propagate them with
+``ray_kwargs.ray_init.runtime_env.env_vars``):
+
+- ``FLASH_RC_ROLLOUT_SCALES``: ``refresh`` (default; scales recomputed from every synced weight) or ``frozen``
+  (computed at the first sync and reused: Flash RL's INT8 semantics; small updates can round away).
+- ``FLASH_RC_ROLLOUT_VISIBILITY_SAMPLE``: fraction of rows of each quantized weight tracked for the update-visibility
+  metrics (default 1/64; 0 turns them off). Metrics are logged by logger ``flash_rc.backends.verl.worker_ext`` after
+  every sync and returned by the ``flash_rc_sync_metrics`` worker RPC.
+
+LoRA adapter syncs (``peft_config`` with ``base_sync_done``) are verl's business and go to the base class.
+
+This module is imported inside vLLM worker processes by its qualified name: it imports verl's extension module (which
+it subclasses) and flash_rc's quantization formats, nothing else of flash_rc (no engine, no tokenizer).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, get_args
+
+import torch
+from verl.workers.rollout.vllm_rollout.bucketed_weight_transfer import BucketedWeightReceiver
+from verl.workers.rollout.vllm_rollout.utils import vLLMColocateWorkerExtension
+from verl.workers.rollout.vllm_rollout.weight_update_utils import apply_buffer_updates
+
+from flash_rc.rollout import vllm_compat
+from flash_rc.rollout.checkpoint import tensor_problem
+from flash_rc.rollout.formats import ScaleMode, WeightFormat, compressed_tensors_config
+
+logger = logging.getLogger(__name__)
+logger.setLevel(os.getenv("FLASH_RC_LOGGING_LEVEL", "INFO"))
+
+EXTENSION_CLS = "flash_rc.backends.verl.worker_ext.Int8RolloutWorkerExtension"
+"""What ``engine_kwargs.vllm.worker_extension_cls`` names (vLLM imports it by this name in each worker process)."""
+SCALES_ENV = "FLASH_RC_ROLLOUT_SCALES"
+VISIBILITY_SAMPLE_ENV = "FLASH_RC_ROLLOUT_VISIBILITY_SAMPLE"
+
+
+class WeightSyncError(ValueError):
+    """A weight sync could not be applied as sent (bad tensor, unsupported engine); says which tensor and why."""
+
+
+@dataclass(frozen=True)
+class SyncSettings:
+    """How a worker requantizes synced weights (read from the environment of the vLLM worker process)."""
+
+    scales: ScaleMode = "refresh"
+    """``refresh``: scales recomputed from every synced weight; ``frozen``: computed at the first sync, then reused."""
+    visibility_sample: float = 1 / 64
+    """Fraction of rows of each quantized weight tracked for the update-visibility metrics (0: off, 1: exact)."""
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | os._Environ = os.environ) -> "SyncSettings":
+        scales = environ.get(SCALES_ENV, cls.scales)
+        if scales not in get_args(ScaleMode):
+            raise ValueError(f"{SCALES_ENV}={scales!r}: expected one of {get_args(ScaleMode)}")
+        raw_sample = environ.get(VISIBILITY_SAMPLE_ENV, str(cls.visibility_sample))
+        try:
+            sample = float(raw_sample)
+        except ValueError:
+            sample = math.nan
+        if not 0 <= sample <= 1:
+            raise ValueError(f"{VISIBILITY_SAMPLE_ENV}={raw_sample!r}: expected a fraction in [0, 1]")
+        return cls(scales=scales, visibility_sample=sample)
+
+
+def vllm_engine_kwargs() -> dict[str, Any]:
+    """``actor_rollout_ref.rollout.engine_kwargs.vllm`` for INT8 rollouts (verl spreads it last into the engine args).
+
+    ``load_format: dummy`` is verl's default already; it is repeated here because an INT8 engine must never load the
+    bf16 checkpoint itself: its weights only ever arrive through the first sync, quantized on the way.
+    """
+    return {
+        "worker_extension_cls": EXTENSION_CLS,
+        "quantization": "compressed-tensors",
+        "hf_overrides": {"quantization_config": compressed_tensors_config("int8", "channel")},
+        "load_format": "dummy",
+    }
+
+
+def hydra_overrides(prefix: str = "actor_rollout_ref.rollout.engine_kwargs.vllm") -> list[str]:
+    """:func:`vllm_engine_kwargs` as Hydra command-line overrides (``+key=value``: verl's schema has no such keys)."""
+    return [f"+{prefix}.{key}={_hydra_value(value)}" for key, value in vllm_engine_kwargs().items()]
+
+
+def _hydra_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{key}:{_hydra_value(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_hydra_value(item) for item in value) + "]"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return f"'{value}'"
+    return str(value)
+
+
+class Int8RolloutWorkerExtension(vLLMColocateWorkerExtension):
+    """verl's colocated vLLM worker extension, with weight syncs requantized to the engine's INT8 W8A8 format.
+
+    vLLM mixes this class into its worker class, so every attribute name here must be new to vLLM's workers (vLLM
+    asserts it); ours all start with ``flash_rc`` / ``_flash_rc``.
+    """
+
+    def __new__(cls, **kwargs):
+        instance = super().__new__(cls, **kwargs)  # verl's patches (death signal, LoRA hijack, ...)
+        # Misconfiguration fails here, at engine start: a sync that fails before receiving would leave verl's sender
+        # waiting for a receiver forever.
+        _check_int8_engine(kwargs["vllm_config"])
+        instance._flash_rc_settings = SyncSettings.from_env()
+        vllm_compat.keep_onednn_scales_alive()  # before the first INT8 layer is (re)processed in this process
+        return instance
+
+    def update_weights_from_ipc(self, peft_config: dict | None = None, base_sync_done: bool = False,
+                                use_shm: bool = False) -> None:  # fmt: skip
+        """Receive one weight sync from verl's ``BucketedWeightSender`` and load it requantized (same signature)."""
+        if peft_config and base_sync_done:
+            return super().update_weights_from_ipc(peft_config, base_sync_done, use_shm)
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+        model = self.model_runner.get_model()
+        sync = _LayerwiseSync(model, self._flash_rc_weight_format, {name for name, _ in model.named_buffers()})
+        receiver = BucketedWeightReceiver(zmq_handle=self._get_zmq_handle(), device=self.device, use_shm=use_shm)
+        start = time.perf_counter()
+        with torch.no_grad(), set_current_vllm_config(self.vllm_config):
+            initialize_layerwise_reload(model)
+            try:
+                receiver.receive_weights(on_bucket_received=sync.load_bucket)
+            finally:  # never leave layers on the meta device, even after a failed sync
+                finalize_layerwise_reload(model, self.vllm_config.model_config)
+                vllm_compat.refresh_tied_layers(model)
+        if sync.error is not None:
+            if sync.weight_format is not None:
+                sync.weight_format.take_visibility()  # a partial sync has no meaningful visibility metrics
+            raise sync.error
+        apply_buffer_updates(model, sync.buffers)
+        seconds = time.perf_counter() - start
+        metrics = {"sync/seconds": seconds, "sync/gb_per_s": sync.bytes / 1e9 / seconds,
+                   "sync/tensors": float(sync.tensors), **sync.weight_format.take_visibility()}  # fmt: skip
+        self._flash_rc_metrics = metrics
+        logger.info("flash_rc INT8 weight sync (worker rank %s): %s", self.rank, metrics)
+
+    def flash_rc_sync_metrics(self) -> dict[str, float]:
+        """Metrics of this worker's last weight sync: timing and update visibility (``sync/codes_changed_fraction``,
+        ``sync/update_lost_fraction``, ...; no visibility metrics after the first sync, which has no previous one)."""
+        return dict(getattr(self, "_flash_rc_metrics", {}))
+
+    def _flash_rc_weight_format(self) -> WeightFormat:
+        """This worker's requantizer, built at the first sync (it keeps frozen scales and visibility state)."""
+        if getattr(self, "_flash_rc_format", None) is None:
+            if getattr(self.vllm_config, "lora_config", None) is not None or self._use_mtp_drafter_weight_sync():
+                raise WeightSyncError("INT8 weight syncs need a plain base model: this engine has LoRA or an MTP "
+                                      "drafter enabled")  # fmt: skip
+            names = vllm_compat.quantized_checkpoint_names(self.model_runner.get_model())
+            if not names:
+                raise WeightSyncError("this engine has no quantized linear layers to write INT8 codes into")
+            self._flash_rc_format = WeightFormat(
+                precision="int8",
+                scales=self._flash_rc_settings.scales,
+                quantized_names=names,
+                visibility_sample=self._flash_rc_settings.visibility_sample,
+                dtype=self.vllm_config.model_config.dtype,
+            )
+        return self._flash_rc_format
+
+
+class _LayerwiseSync:
+    """Loads received buckets into a model under layerwise reload, remembering the first error instead of raising.
+
+    Raising inside the receiver's callback would leave verl's sender blocked on its acknowledgement forever, so after
+    an error the remaining buckets are received and dropped, and the error is raised once the transfer completed.
+    """
+
+    def __init__(self, model: torch.nn.Module, get_weight_format: Callable[[], WeightFormat], buffer_names: set[str]):
+        self.model = model
+        self.get_weight_format = get_weight_format
+        self.weight_format: WeightFormat | None = None
+        self.buffer_names = buffer_names
+        self.buffers: list[tuple[str, torch.Tensor]] = []
+        self.error: WeightSyncError | None = None
+        self.tensors = 0
+        self.bytes = 0
+
+    def load_bucket(self, weights: list[tuple[str, torch.Tensor]], is_last: bool) -> None:
+        if self.error is not None:
+            return
+        engine_tensors = []
+        try:
+            self.weight_format = self.weight_format or self.get_weight_format()
+            for name, tensor in weights:
+                self.tensors += 1
+                self.bytes += tensor.numel() * tensor.element_size()
+                if name in self.buffer_names:  # applied after the reload, like verl's base class does
+                    self.buffers.append((name, tensor.clone()))
+                    continue
+                engine_tensors.extend(self._convert(name, tensor))
+            self.model.load_weights(engine_tensors)
+        except Exception as error:
+            # Keep the message, not the exception: its traceback's frames hold views of the receiver's shared-memory
+            # bucket, which the receiver must close before it acknowledges the last bucket. The traceback is logged.
+            logger.error("flash_rc INT8 weight sync failed:\n%s", "".join(traceback.format_exception(error)))
+            names = [name for name, _ in weights]
+            self.error = WeightSyncError(
+                f"{error} (in a bucket of {len(names)} tensors from {names[:1]}; the engine now holds a partial "
+                "update: sync again before generating)"
+            )
+
+    def _convert(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        problem = tensor_problem(name, tensor)
+        if problem is not None:
+            raise WeightSyncError(problem)
+        converted = list(self.weight_format.convert(name, tensor))
+        # The layerwise reload holds tensors until their layer is complete, and the receiver reuses its bucket buffer
+        # for the next bucket: tensors passed through unconverted are copied out of it.
+        return [(engine_name, engine_tensor.clone() if engine_tensor is tensor else engine_tensor)
+                for engine_name, engine_tensor in converted]
+
+
+def _check_int8_engine(vllm_config) -> None:
+    """Refuse to write INT8 codes into an engine that was not built as a per-channel INT8 W8A8 engine."""
+    config = getattr(vllm_config.model_config.hf_config, "quantization_config", None)
+    config = config if isinstance(config, dict) else {}
+    weights = [group.get("weights") or {} for group in (config.get("config_groups") or {}).values()]
+    if config.get("quant_method") != "compressed-tensors" or not weights or any(
+        (w.get("type"), w.get("num_bits"), w.get("strategy")) != ("int", 8, "channel") for w in weights
+    ):
+        raise WeightSyncError(
+            "Int8RolloutWorkerExtension needs a compressed-tensors per-channel INT8 engine; start verl's rollout with "
+            "engine_kwargs.vllm = flash_rc.backends.verl.worker_ext.vllm_engine_kwargs() "
+            f"(this engine's quantization_config: {config or None})"
+        )
+
+
+if __name__ == "__main__":  # print the Hydra overrides for a verl command line
+    print(" ".join(hydra_overrides()))
