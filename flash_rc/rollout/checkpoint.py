@@ -48,16 +48,22 @@ def validate_weights(
     if missing:
         problems.append(f"missing tensors (strict update): {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     for name, tensor in weights.items():
-        if name not in expected:
-            continue
-        if tuple(tensor.shape) != tuple(expected[name]):
-            problems.append(f"{name}: shape {tuple(tensor.shape)} != checkpoint shape {tuple(expected[name])}")
-        elif not tensor.is_floating_point():
-            problems.append(f"{name}: dtype {tensor.dtype} is not a floating-point dtype")
-        elif not bool(torch.isfinite(_local(tensor)).all()):
-            problems.append(f"{name}: contains NaN or inf")
+        if name in expected:
+            problem = tensor_problem(name, tensor, expected[name])
+            problems += [problem] if problem else []
     if problems:
         raise WeightUpdateError("weight update rejected, engine weights unchanged:\n  " + "\n  ".join(problems))
+
+
+def tensor_problem(name: str, tensor: torch.Tensor, expected_shape: tuple[int, ...] | None = None) -> str | None:
+    """Why one learner tensor cannot be loaded (wrong shape, not floating point, NaN/inf), or None."""
+    if expected_shape is not None and tuple(tensor.shape) != tuple(expected_shape):
+        return f"{name}: shape {tuple(tensor.shape)} != checkpoint shape {tuple(expected_shape)}"
+    if not tensor.is_floating_point():
+        return f"{name}: dtype {tensor.dtype} is not a floating-point dtype"
+    if not bool(torch.isfinite(_local(tensor)).all()):
+        return f"{name}: contains NaN or inf"
+    return None
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

@@ -267,8 +267,7 @@ class RolloutEngine:
         """Checkpoint weight names flash_rc quantizes on sync (empty for bf16 and for vLLM's online FP8)."""
         if not self.quantized_by_flash_rc:
             return frozenset()
-        modules = self._llm.apply_model(vllm_compat.quantized_linear_modules)[0]
-        names = frozenset(f"{part}.weight" for parts in modules.values() for part in parts)
+        names = self._llm.apply_model(vllm_compat.quantized_checkpoint_names)[0]
         unknown = sorted(names - set(self.checkpoint_shapes))
         if unknown or not names:
             raise UnsupportedPrecisionError(

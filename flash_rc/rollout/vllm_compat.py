@@ -89,3 +89,9 @@ def quantized_linear_modules(model) -> dict[str, list[str]]:
         parent, _, leaf = name.rpartition(".")
         modules[name] = [f"{parent}.{part}" if parent else part for part in packed.get(leaf, [leaf])]
     return modules
+
+
+def quantized_checkpoint_names(model) -> frozenset[str]:
+    """Checkpoint weight names (``…q_proj.weight``) of every quantized linear of a vLLM model."""
+    return frozenset(f"{part}.weight" for parts in quantized_linear_modules(model).values() for part in parts)
+
