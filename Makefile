@@ -33,7 +33,7 @@ models: $(STAMP)
 # RC decoding with SmolLM2-135M-Instruct on the first 16 GSM8K test problems, 2 cycles, on CPU.
 DEMO_ARGS ?=
 demo: install
-	$(BIN)/flash-rc decode --config recipe/rc_decode_demo.yaml data.path=$(GSM8K)/test.jsonl $(DEMO_ARGS)
+	$(BIN)/flash-rc decode --config recipe/rc_decode_demo.yaml data.val_files=$(GSM8K)/test.jsonl $(DEMO_ARGS)
 
 # pytest exits 5 when it collected no test: that is a failure here, never a silent green.
 define run_pytest

@@ -24,8 +24,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if not argv or argv[0] in ("-h", "--help") else 2
     import importlib
 
+    from flash_rc.config import ConfigError
+    from flash_rc.models import ModelNotFoundError
+    from flash_rc.rc.prompts import TemplateError
+
     module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
-    return module.main(argv[1:])
+    try:
+        return module.main(argv[1:])
+    except (ConfigError, TemplateError, ModelNotFoundError, FileNotFoundError) as error:
+        # mistakes in what the user asked for: the message says what to fix, a traceback would only hide it
+        print(f"flash-rc {argv[0]}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -41,9 +41,10 @@ class DecodeOptions(Section):
     """Where to write one JSON line per chain (overwritten at start, appended as chains finish)."""
     offset: int = Field(0, ge=0)
     """Skip this many problems first."""
-    grading: Literal["boxed", "data_source"] = "boxed"
-    """``boxed``: grade the last \\boxed{} answer of each reasoning turn against the ground truth with math-verify
-    (what the RC prompt asks for); ``data_source``: the row's own scorer (e.g. GSM8K strict ``####``)."""
+    grading: Literal["answer", "data_source"] = "answer"
+    """``answer``: grade each reasoning turn's last \\boxed{} answer (what the RC prompt asks for; GSM8K's
+    ``#### n`` when there is no box) against the ground truth with math-verify; ``data_source``: the row's own
+    scorer (e.g. GSM8K strict ``####``)."""
 
 
 class FlashRCDecodeSection(Section):
@@ -132,7 +133,7 @@ def make_grader(grading: str):
     def grade(chain: ChainState, turn: Turn) -> None:
         if chain.ground_truth is None:
             return
-        data_source = "flash_rc/boxed" if grading == "boxed" else chain.data_source
+        data_source = "flash_rc/rc_answer" if grading == "answer" else chain.data_source
         result = compute_score(data_source, turn.raw_text, chain.ground_truth)
         turn.pred, turn.score, turn.correct = result["pred"], float(result["score"]), bool(result["acc"])
 

@@ -18,6 +18,7 @@ import threading
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
+from flash_rc.rewards import gsm8k
 from flash_rc.rewards.boxed import last_boxed
 from flash_rc.rewards.types import RewardResult, reward_result
 
@@ -39,10 +40,17 @@ def is_equivalent(ground_truth: str, answer: str, timeout_s: int = 5) -> bool:
 
 
 def compute_score(solution_str: str, ground_truth: str, extra_info: dict | None = None,
-                  max_answer_chars: int = MAX_ANSWER_CHARS, timeout_s: int = 5) -> RewardResult:
-    """Score one response: 1 if its last boxed answer is equivalent to ``ground_truth``, else 0."""
+                  max_answer_chars: int = MAX_ANSWER_CHARS, timeout_s: int = 5,
+                  gsm8k_fallback: bool = False) -> RewardResult:
+    """Score one response: 1 if its last boxed answer is equivalent to ``ground_truth``, else 0.
+
+    ``gsm8k_fallback``: without a box, take GSM8K's ``#### <number>`` answer instead (RC decoding on GSM8K-trained
+    models, which answer either way).
+    """
     final_section = solution_str.rsplit("</think>", 1)[-1]
     answer = last_boxed(final_section)
+    if answer is None and gsm8k_fallback:
+        answer = gsm8k.extract_answer(final_section, "strict")
     if answer is None:
         return reward_result(0.0, False, None, "no_answer")
     if len(answer) > max_answer_chars:

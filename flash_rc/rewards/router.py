@@ -85,8 +85,12 @@ MATH_DAPO = ScorerRoute("flash_rc.rewards.math_dapo:compute_score", timeout_s=2.
 MATH = ScorerRoute("flash_rc.rewards.math:compute_score", timeout_s=15.0)
 CODE_TESTS = ScorerRoute("flash_rc.rewards.code_tests:compute_score", timeout_s=30.0)
 
+# RC decoding's per-turn grader, any dataset: the last \boxed{} answer (what RC's prompts ask for), else GSM8K's
+# "#### n", judged by math-verify.
+RC_ANSWER = ScorerRoute(MATH.scorer, timeout_s=MATH.timeout_s, kwargs=MappingProxyType({"gsm8k_fallback": True}))
+
 _BUILTIN_EXACT = {
-    "flash_rc/boxed": MATH,  # dataset-agnostic: the last \boxed{} answer by math-verify (what RC's prompts ask for)
+    "flash_rc/rc_answer": RC_ANSWER,
     "openai/gsm8k": GSM8K,
     "math_dapo": MATH_DAPO, "math": MATH_DAPO, "math_dapo_reasoning": MATH_DAPO,
     "lighteval/MATH": MATH, "DigitalLearningGmbH/MATH-lighteval": MATH, "HuggingFaceH4/MATH-500": MATH,

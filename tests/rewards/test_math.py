@@ -73,3 +73,12 @@ def test_adversarial_inputs_return_a_verdict(text):
     result = compute_score(text, "4")
     assert result["score"] in (0.0, 1.0) and result["reason"]
     assert time.perf_counter() - start < 12  # math-verify's own 5 s parse + 5 s verify limits, on the main thread
+
+
+def test_gsm8k_fallback_for_unboxed_answers():
+    # RC decoding grades with the box when there is one, else GSM8K's "#### n"
+    text = "3 + 4 = 7, so the answer is\n#### 7"
+    assert compute_score(text, "7")["reason"] == "no_answer"
+    assert compute_score(text, "7", gsm8k_fallback=True) == {"score": 1.0, "acc": True, "pred": "7", "reason": "correct"}
+    # the box wins over a later "####"
+    assert compute_score("\\boxed{8}\n#### 7", "7", gsm8k_fallback=True)["pred"] == "8"

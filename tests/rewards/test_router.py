@@ -129,3 +129,8 @@ def test_score_batch_mixes_scorers_in_order():
 def test_score_batch_rejects_bad_requests_before_running():
     with pytest.raises(UnknownDataSourceError, match="request 1 \\(data_source='unknown'\\)"):
         score_batch([ScoreRequest("openai/gsm8k", "#### 1", "1"), ScoreRequest("unknown", "x", "y")])
+
+
+def test_rc_answer_route_falls_back_to_gsm8k_format():
+    assert compute_score("flash_rc/rc_answer", "so\n#### 1,200", "1200")["acc"] is True
+    assert compute_score("flash_rc/rc_answer", "\\boxed{\\frac{1}{2}}", "0.5")["acc"] is True

@@ -1,0 +1,19 @@
+"""The flash-rc command: subcommand dispatch and clean errors for user mistakes."""
+
+from flash_rc.cli import main
+
+
+def test_help_lists_every_subcommand(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("decode", "data", "models", "quantize"))
+    assert main(["nope"]) == 2
+
+
+def test_user_mistakes_are_one_line_errors_not_tracebacks(capsys):
+    assert main(["decode", "data.path=x"]) == 2
+    err = capsys.readouterr().err
+    assert "flash-rc decode: error: invalid recipe" in err and "data.path: Extra inputs" in err
+    assert "Traceback" not in err
+    assert main(["decode", "flash_rc.rc.reasoning_prompt=/no/such/template.txt"]) == 2
+    assert "prompt template file not found" in capsys.readouterr().err
