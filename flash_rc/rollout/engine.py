@@ -202,22 +202,26 @@ class RolloutEngine:
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.checkpoint_shapes = checkpoint_shapes(self.model_path)
+        self.quantized_by_flash_rc = config.precision != "bf16" and config.quantizer == "flash_rc"
         self._llm = self._start_vllm(config)
         self._engine = self._llm.llm_engine
         self._model_version = 0
-        self.quantized_by_flash_rc = config.precision != "bf16" and config.quantizer == "flash_rc"
-        self.weight_format = WeightFormat(
-            precision=config.precision,
-            fp8_granularity=config.fp8_granularity,
-            scales=config.scales,
-            quantized_names=self._quantized_checkpoint_names(),
-            visibility_sample=config.visibility_sample,
-            dtype=getattr(torch, config.dtype),
-        )
-        if self.quantized_by_flash_rc:  # the engine started from dummy weights: stream the real ones in, quantized
-            self._apply_weights(CheckpointTensors(self.model_path), inflight="wait")
-            self.weight_format.take_visibility()
-            self._model_version = 0  # the weights the engine starts with
+        try:
+            self.weight_format = WeightFormat(
+                precision=config.precision,
+                fp8_granularity=config.fp8_granularity,
+                scales=config.scales,
+                quantized_names=self._quantized_checkpoint_names(),
+                visibility_sample=config.visibility_sample,
+                dtype=getattr(torch, config.dtype),
+            )
+            if self.quantized_by_flash_rc:  # the engine started from dummy weights: stream the real ones in
+                self._apply_weights(CheckpointTensors(self.model_path), inflight="wait")
+                self.weight_format.take_visibility()
+                self._model_version = 0  # the weights the engine starts with
+        except BaseException:
+            self._llm = self._engine = None  # release the half-started engine so another can start
+            raise
         self._commands: queue.Queue[_Request | _Call | None] = queue.Queue()
         self._request_ids = itertools.count()
         self._inflight: dict[str, _Request] = {}
@@ -236,8 +240,7 @@ class RolloutEngine:
         check_platform_support(config, self.on_cpu)
         vllm_compat.keep_onednn_scales_alive()
         hf_overrides: dict[str, Any] = {}
-        ours = config.precision != "bf16" and config.quantizer == "flash_rc"
-        if ours:
+        if self.quantized_by_flash_rc:
             hf_overrides["quantization_config"] = compressed_tensors_config(config.precision, config.fp8_granularity)
         if config.fp32_lm_head:
             hf_overrides["head_dtype"] = "float32"
@@ -254,7 +257,7 @@ class RolloutEngine:
             max_logprobs=0,
             kv_cache_dtype=config.kv_cache_dtype,
             hf_overrides=hf_overrides,
-            load_format="dummy" if ours else "auto",
+            load_format="dummy" if self.quantized_by_flash_rc else "auto",
         )
         if self.on_cpu:
             kwargs["kv_cache_memory_bytes"] = int(config.kv_cache_gib * (1 << 30))
