@@ -1,0 +1,1 @@
+"""Reasoning Cache: prompts, chain state, the async cycle scheduler and ``flash-rc decode``."""

@@ -1,0 +1,1 @@
+"""The single-node training loop (not implemented yet: a later issue)."""
