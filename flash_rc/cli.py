@@ -25,13 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     import importlib
 
     from flash_rc.config import ConfigError
+    from flash_rc.data.rows import RowError
     from flash_rc.models import ModelNotFoundError
     from flash_rc.rc.prompts import TemplateError
 
     module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
     try:
         return module.main(argv[1:])
-    except (ConfigError, TemplateError, ModelNotFoundError, FileNotFoundError) as error:
+    except (ConfigError, TemplateError, ModelNotFoundError, RowError, FileNotFoundError) as error:
         # mistakes in what the user asked for: the message says what to fix, a traceback would only hide it
         print(f"flash-rc {argv[0]}: error: {error}", file=sys.stderr)
         return 2

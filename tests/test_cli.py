@@ -17,3 +17,10 @@ def test_user_mistakes_are_one_line_errors_not_tracebacks(capsys):
     assert "Traceback" not in err
     assert main(["decode", "flash_rc.rc.reasoning_prompt=/no/such/template.txt"]) == 2
     assert "prompt template file not found" in capsys.readouterr().err
+
+
+def test_bad_problem_file_is_a_one_line_error(tmp_path, capsys):
+    bad = tmp_path / "problems.jsonl"
+    bad.write_text('{"question": "1+1?", "answer": "#### 2"}\n{oops\n')
+    assert main(["decode", f"data.val_files={bad}"]) == 2
+    assert f"{bad}:2: invalid JSON" in capsys.readouterr().err

@@ -21,6 +21,8 @@ from typing import Any, Literal
 from pydantic import Field
 
 from flash_rc.config import ActorRolloutRefSection, EngineExtras, Section, engine_config, load_recipe
+from flash_rc.data.gsm8k import ground_truth_from_answer
+from flash_rc.data.rows import read_records
 from flash_rc.rc.scheduler import CycleConfig, CyclePrompts, CycleScheduler
 from flash_rc.rc.state import ChainState, Turn
 
@@ -70,39 +72,20 @@ class Problem:
     data_source: str
 
 
-def _rows(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"problem file not found: {path}")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
-    if path.suffix == ".json":
-        return list(json.loads(path.read_text()))
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not valid JSON ({error})") from None
-    return rows
-
-
-def problem_from_row(row: dict[str, Any], index: int, source: str) -> Problem:
-    """One problem from a GSM8K, verl or plain row; the raw problem text, not a prompt with instructions."""
+def problem_from_row(row: dict[str, Any], index: int, where: str) -> Problem:
+    """One problem from a verl, GSM8K or ``{problem, answer}`` row: the raw problem text, not a prompt."""
     extra = row.get("extra_info") or {}
+    data_source = row.get("data_source", "openai/gsm8k")
     if "reward_model" in row or "prompt" in row:  # verl row: the raw question lives in extra_info when present
         text = extra.get("question") or _last_user_message(row.get("prompt"))
         truth = (row.get("reward_model") or {}).get("ground_truth")
-        data_source = row.get("data_source", "openai/gsm8k")
     else:
         text = row.get("problem", row.get("question"))
-        answer = row.get("answer", row.get("ground_truth"))
-        truth = answer.split("####")[-1].strip().replace(",", "") if isinstance(answer, str) else answer
-        data_source = row.get("data_source", "openai/gsm8k")
+        truth = row.get("answer", row.get("ground_truth"))
+        if isinstance(truth, str) and "####" in truth:  # a GSM8K solution: its final number, verl's rule
+            truth = ground_truth_from_answer(truth, where)
     if text is None:
-        raise ValueError(f"{source} row {index}: no problem text (expected 'question', 'problem' or 'prompt')")
+        raise ValueError(f"{where}: no problem text (expected 'question', 'problem' or 'prompt')")
     problem_id = str(extra.get("index", row.get("id", index)))
     return Problem(problem_id, str(text), None if truth is None else str(truth), data_source)
 
@@ -118,7 +101,9 @@ def load_problems(files: str | list[str], offset: int = 0, limit: int = -1) -> l
     problems: list[Problem] = []
     for file in [files] if isinstance(files, str) else files:
         path = Path(file).expanduser()
-        problems += [problem_from_row(row, i, str(path)) for i, row in enumerate(_rows(path))]
+        if not path.is_file():
+            raise FileNotFoundError(f"problem file not found: {path}")
+        problems += [problem_from_row(row, i, where) for i, (where, row) in enumerate(read_records(path))]
     problems = problems[offset:]
     return problems if limit < 0 else problems[:limit]
 
