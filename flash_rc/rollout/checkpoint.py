@@ -8,7 +8,7 @@ tensor at a time, so even the engine's initial load never holds a second copy of
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -20,16 +20,7 @@ class WeightUpdateError(ValueError):
 
 def checkpoint_shapes(model_path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes of an HF safetensors checkpoint, read from file headers (no weights loaded)."""
-    from safetensors import safe_open
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    for file in sorted(model_path.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                shapes[name] = tuple(f.get_slice(name).get_shape())
-    if not shapes:
-        raise FileNotFoundError(f"no *.safetensors weights in {model_path}")
-    return shapes
+    return CheckpointTensors(model_path).shapes
 
 
 def validate_weights(
@@ -47,26 +38,41 @@ def validate_weights(
     missing = sorted(set(expected) - set(weights)) if strict else []
     if missing:
         problems.append(f"missing tensors (strict update): {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    for name, tensor in weights.items():
-        if name in expected:
-            problem = tensor_problem(name, tensor, expected[name])
-            problems += [problem] if problem else []
+    problems += tensor_problems(weights, expected, names=[name for name in weights if name in expected])
     if problems:
         raise WeightUpdateError("weight update rejected, engine weights unchanged:\n  " + "\n  ".join(problems))
 
 
-def tensor_problem(name: str, tensor: torch.Tensor, expected_shape: tuple[int, ...] | None = None) -> str | None:
-    """Why one learner tensor cannot be loaded (wrong shape, not floating point, NaN/inf), or None."""
-    if expected_shape is not None and tuple(tensor.shape) != tuple(expected_shape):
-        return f"{name}: shape {tuple(tensor.shape)} != checkpoint shape {tuple(expected_shape)}"
-    if not tensor.is_floating_point():
-        return f"{name}: dtype {tensor.dtype} is not a floating-point dtype"
-    if not bool(torch.isfinite(_local(tensor)).all()):
-        return f"{name}: contains NaN or inf"
-    return None
+WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+"""Dtypes a learner may send (what the engine and the quantizers take)."""
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
+def tensor_problems(weights: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]] | None = None,
+                    names: Iterable[str] | None = None) -> list[str]:  # fmt: skip
+    """Why tensors cannot be loaded (wrong shape or dtype, NaN/inf), one line per bad tensor.
+
+    Reads one tensor at a time (a lazy source is never materialized whole) and checks values with one host sync per
+    device for all tensors: a sync per tensor would stall a GPU pipeline.
+    """
+    problems: list[str] = []
+    finite: dict[torch.device, tuple[list[str], list[torch.Tensor]]] = {}
+    for name in weights if names is None else names:
+        tensor = weights[name]
+        if expected is not None and tuple(tensor.shape) != tuple(expected[name]):
+            problems.append(f"{name}: shape {tuple(tensor.shape)} != checkpoint shape {tuple(expected[name])}")
+        elif tensor.dtype not in WEIGHT_DTYPES:
+            problems.append(f"{name}: dtype {tensor.dtype} is not one of {[str(d) for d in WEIGHT_DTYPES]}")
+        else:
+            local = local_tensor(tensor)
+            device_names, flags = finite.setdefault(local.device, ([], []))
+            device_names.append(name)
+            flags.append(torch.isfinite(local).all())
+    for device_names, flags in finite.values():
+        problems += [f"{n}: contains NaN or inf" for n, ok in zip(device_names, torch.stack(flags).tolist()) if not ok]
+    return problems
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The locally held part of a (possibly distributed) tensor, without communication."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
@@ -95,10 +101,16 @@ class CheckpointTensors(Mapping):
     def __init__(self, model_path: Path):
         from safetensors import safe_open
 
-        self._files = {}
-        for file in sorted(model_path.glob("*.safetensors")):
+        self._files: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        """Name → shape of every tensor, from the file headers."""
+        for file in sorted(Path(model_path).glob("*.safetensors")):
             with safe_open(file, framework="pt") as f:
-                self._files.update({name: file for name in f.keys()})
+                for name in f.keys():
+                    self._files[name] = file
+                    self.shapes[name] = tuple(f.get_slice(name).get_shape())
+        if not self._files:
+            raise FileNotFoundError(f"no *.safetensors weights in {model_path}")
 
     def __getitem__(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
@@ -154,22 +166,31 @@ def export_quantized(model_path: Path, out_dir: Path, precision: str, fp8_granul
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        shards: list[dict[str, torch.Tensor]] = [{}]
+        written: list[list[str]] = []  # tensor names per shard, in shard order
+        shard: dict[str, torch.Tensor] = {}
         size = 0
+
+        def flush() -> None:  # each shard goes to disk as soon as it is full: memory stays at one shard
+            save_file(shard, staging / f"shard-{len(written):05d}.safetensors", metadata={"format": "pt"})
+            written.append(list(shard))
+            shard.clear()
+
         for name, tensor in stream_in_layer_order(CheckpointTensors(model_path)):
             for out_name, out_tensor in fmt.convert(name, tensor):
                 nbytes = out_tensor.numel() * out_tensor.element_size()
-                if size and size + nbytes > shard_bytes:
-                    shards.append({})
+                if shard and size + nbytes > shard_bytes:
+                    flush()
                     size = 0
-                shards[-1][out_name] = out_tensor.contiguous()
+                shard[out_name] = out_tensor.contiguous()
                 size += nbytes
+        flush()
         weight_map = {}
-        for index, shard in enumerate(shards, 1):
-            file = "model.safetensors" if len(shards) == 1 else f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, staging / file, metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, file))
-        if len(shards) > 1:
+        for index, names in enumerate(written):
+            file = ("model.safetensors" if len(written) == 1
+                    else f"model-{index + 1:05d}-of-{len(written):05d}.safetensors")
+            (staging / f"shard-{index:05d}.safetensors").rename(staging / file)
+            weight_map.update(dict.fromkeys(names, file))
+        if len(written) > 1:
             (staging / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=2))
         config["quantization_config"] = compressed_tensors_config(precision, fp8_granularity)
         (staging / "config.json").write_text(json.dumps(config, indent=2))

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
-import logging
 import os
 import queue
 import threading
@@ -35,6 +34,7 @@ from flash_rc.models import resolve_model
 from flash_rc.rollout import vllm_compat
 from flash_rc.rollout.checkpoint import (
     CheckpointTensors,
+    WeightUpdateError,
     checkpoint_shapes,
     stream_in_layer_order,
     validate_weights,
@@ -51,19 +51,7 @@ from flash_rc.rollout.formats import (
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
-# Warnings vLLM repeats on every in-place reload or request that say nothing is wrong for how flash_rc uses it,
-# keyed by the vLLM module that logs them (filters on a logger survive vLLM's own logging set-up).
-_BENIGN_VLLM_WARNINGS = {
-    # the rotary cache has no checkpoint tensor, and a tied lm_head gets its embedding's (refreshed after every
-    # reload by vllm_compat.refresh_tied_layers): a reload keeps/refreshes them, correctly
-    "vllm.model_executor.model_loader.reload.layerwise": ("RotaryEmbedding: Failed to load weights",
-                                                           "ParallelLMHead: Failed to load weights"),
-    # token-id prompts are the input type every supported vLLM version accepts
-    "vllm.v1.engine.input_processor": "Passing raw prompts to InputProcessor is deprecated",
-    "vllm.v1.worker.cpu_worker": "CPU backend doesn't allow to use `torch.set_num_threads`",
-}
-for _logger_name, _prefix in _BENIGN_VLLM_WARNINGS.items():
-    logging.getLogger(_logger_name).addFilter(lambda record, _p=_prefix: not record.getMessage().startswith(_p))
+vllm_compat.quiet_benign_warnings()
 
 Prompt = str | Sequence[Mapping[str, str]] | Sequence[int]
 """A raw text prompt, a list of chat messages (``[{"role": "user", "content": ...}]``), or prompt token ids."""
@@ -185,6 +173,19 @@ class _Call:
     needs_idle: bool
 
 
+@dataclass
+class _Abort:
+    request_id: str
+
+
+def _resolve(future: concurrent.futures.Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Complete a caller's future unless the caller cancelled it meanwhile (a cancel may race with completion)."""
+    try:
+        future.set_exception(error) if error is not None else future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
 class RolloutEngine:
     """In-process vLLM engine with batched/async generation, processed logprobs and in-place weight updates.
 
@@ -222,10 +223,13 @@ class RolloutEngine:
         except BaseException:
             self._llm = self._engine = None  # release the half-started engine so another can start
             raise
-        self._commands: queue.Queue[_Request | _Call | None] = queue.Queue()
+        self._commands: queue.Queue[_Request | _Call | _Abort | None] = queue.Queue()
+        self._held: list[_Request | _Call | _Abort | None] = []  # admitted commands waiting for their turn
         self._request_ids = itertools.count()
         self._inflight: dict[str, _Request] = {}
+        self._lock = threading.Lock()  # orders _put against close() and a fatal error
         self._fatal: BaseException | None = None
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="flash_rc-engine", daemon=True)
         self._thread.start()
         RolloutEngine._live = self
@@ -378,13 +382,25 @@ class RolloutEngine:
             converted for name, tensor in stream_in_layer_order(weights)
             for converted in self.weight_format.convert(name, tensor)
         )
-        self._llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": engine_tensors, "is_checkpoint_format": True}
-        )
-        self._llm.apply_model(vllm_compat.refresh_tied_layers)
-        self._model_version += 1
-        # Cached prefixes hold KV computed by the old weights; running requests are re-prefilled under "recompute".
-        self._engine.reset_prefix_cache(reset_running_requests=inflight == "recompute")
+        vllm_config = self._engine.vllm_config
+
+        def reload(model: torch.nn.Module) -> None:
+            with vllm_compat.layerwise_reload(model, vllm_config):
+                model.load_weights(engine_tensors)
+
+        try:
+            self._llm.apply_model(reload)
+            self.weight_format.raise_if_nonfinite()
+        except Exception as error:  # validation passed, so this is unexpected: some layers may hold the new weights
+            self.weight_format.take_visibility()
+            raise WeightUpdateError(
+                f"weight update failed while streaming ({type(error).__name__}: {error}); the engine may now hold a "
+                "mix of old and new weights: sync a full state dict again before sampling"
+            ) from error
+        finally:
+            self._model_version += 1
+            # Cached prefixes hold KV of the old weights; running requests are re-prefilled under "recompute".
+            self._engine.reset_prefix_cache(reset_running_requests=inflight == "recompute")
         return self._model_version
 
     def call_in_engine_thread(self, fn: Callable[[], Any], wait_for_idle: bool = False) -> Any:
@@ -400,14 +416,15 @@ class RolloutEngine:
     # ------------------------------------------------------------------ engine thread
 
     def _put(self, command: _Request | _Call) -> None:
-        if self._fatal is not None:
-            raise RuntimeError("rollout engine has failed") from self._fatal
-        if not self._thread.is_alive():
-            raise RuntimeError("rollout engine is closed")
-        self._commands.put(command)
+        with self._lock:
+            if self._fatal is not None:
+                raise RuntimeError("rollout engine has failed") from self._fatal
+            if self._closed:
+                raise RuntimeError("rollout engine is closed")
+            self._commands.put(command)
 
     def _run(self) -> None:
-        held: list[_Request | _Call] = []  # commands waiting behind an update that needs an idle engine
+        held = self._held  # commands behind an update that waits for an idle engine stay here, in order
         try:
             while True:
                 if not held and not self._engine.has_unfinished_requests():
@@ -420,6 +437,7 @@ class RolloutEngine:
                 while held:
                     head = held[0]
                     if head is None:
+                        held.pop(0)
                         return self._fail_pending(RuntimeError("rollout engine is closed"))
                     if isinstance(head, _Call) and head.needs_idle and self._engine.has_unfinished_requests():
                         break
@@ -429,24 +447,36 @@ class RolloutEngine:
                     for output in self._engine.step():
                         self._finish(output)
         except BaseException as error:  # an engine crash must not hang callers
-            self._fatal = error
+            with self._lock:
+                self._fatal = error
             self._fail_pending(error)
 
-    def _execute(self, command: _Request | _Call) -> None:
+    def _execute(self, command: _Request | _Call | _Abort) -> None:
+        if isinstance(command, _Abort):  # the caller cancelled: stop generating for it
+            if self._inflight.pop(command.request_id, None) is not None:
+                self._engine.abort_request([command.request_id])
+            return
+        if command.future.cancelled():
+            return
         if isinstance(command, _Call):
             try:
-                command.future.set_result(command.fn())
+                _resolve(command.future, command.fn())
             except BaseException as error:
-                command.future.set_exception(error)
+                _resolve(command.future, error=error)
             return
         request_id = str(next(self._request_ids))
         command.model_version_start = self._model_version
         try:
             self._engine.add_request(request_id, {"prompt_token_ids": command.prompt_token_ids}, command.params)
         except Exception as error:  # a bad request fails alone
-            command.future.set_exception(error)
+            _resolve(command.future, error=error)
             return
         self._inflight[request_id] = command
+        command.future.add_done_callback(lambda future, rid=request_id: self._abort_if_cancelled(rid, future))
+
+    def _abort_if_cancelled(self, request_id: str, future: concurrent.futures.Future) -> None:
+        if future.cancelled():
+            self._commands.put(_Abort(request_id))  # handled (or dropped at close) by the engine thread
 
     def _finish(self, output) -> None:
         request = self._inflight.pop(output.request_id, None)
@@ -467,26 +497,33 @@ class RolloutEngine:
                     model_version=self._model_version,
                 )
             )
-        request.future.set_result(completions)
+        _resolve(request.future, completions)
 
     def _fail_pending(self, error: BaseException) -> None:
+        """Fail every request and command not yet answered (after close or a crash no new one can arrive)."""
         for request in self._inflight.values():
-            if not request.future.done():
-                request.future.set_exception(error)
+            _resolve(request.future, error=error)
         self._inflight.clear()
+        pending = self._held[:]
+        self._held.clear()
         while True:
             try:
-                command = self._commands.get_nowait()
+                pending.append(self._commands.get_nowait())
             except queue.Empty:
-                return
-            if command is not None and not command.future.done():
-                command.future.set_exception(error)
+                break
+        for command in pending:
+            if isinstance(command, (_Request, _Call)):
+                _resolve(command.future, error=error)
 
     def close(self) -> None:
-        """Stop the engine thread (pending requests fail) and release the engine."""
-        if self._thread.is_alive():
-            self._commands.put(None)
-            self._thread.join()
+        """Stop the engine thread (pending requests fail) and release the engine's memory."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._commands.put(None)
+        self._thread.join()
+        if self._llm is not None:
+            vllm_compat.shutdown(self._llm)
         self._llm = self._engine = None
         if RolloutEngine._live is self:
             RolloutEngine._live = None

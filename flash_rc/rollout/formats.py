@@ -123,17 +123,26 @@ class WeightFormat:
     _frozen: dict[str, torch.Tensor] = field(default_factory=dict)
     _tracked: dict[str, _TrackedRows] = field(default_factory=dict)
     _visibility: UpdateVisibility = field(default_factory=UpdateVisibility)
+    _nonfinite: dict[torch.device, torch.Tensor] = field(default_factory=dict)
 
     def convert(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-        """The engine-format tensors for one learner tensor: itself, or ``name`` (codes) + ``name_scale``."""
+        """The engine-format tensors for one learner tensor: itself, or ``name`` (codes) + ``name_scale``.
+
+        Inputs are expected to be validated (finite); on CUDA the quantizers only count non-finite values on the
+        device (no host sync per tensor) and :meth:`raise_if_nonfinite` checks the count once per sync.
+        """
         if name not in self.quantized_names:
             yield name, tensor.to(self.dtype)
             return
         frozen = self._frozen.get(name) if self.scales == "frozen" else None
+        if frozen is not None and frozen.device != tensor.device:  # e.g. started from CPU files, synced from GPU
+            frozen = self._frozen[name] = frozen.to(tensor.device)
+        counter = self._nonfinite.setdefault(tensor.device, torch.zeros(1, dtype=torch.int32, device=tensor.device))
         if self.precision == "int8":
-            codes, scale = quantize_int8_per_channel(tensor, scale=frozen, name=name)
+            codes, scale = quantize_int8_per_channel(tensor, scale=frozen, name=name, nonfinite_count=counter)
         else:
-            codes, scale = quantize_fp8(tensor, self.fp8_granularity, FP8_BLOCK, scale=frozen, name=name)
+            codes, scale = quantize_fp8(tensor, self.fp8_granularity, FP8_BLOCK, scale=frozen, name=name,
+                                        nonfinite_count=counter)
         if self.scales == "frozen" and name not in self._frozen:
             self._frozen[name] = scale
         if self.visibility_sample > 0:
@@ -141,20 +150,30 @@ class WeightFormat:
         yield name, codes
         yield f"{name}_scale", scale
 
+    def raise_if_nonfinite(self) -> None:
+        """Raise if any quantized input since the last call held NaN/inf (one host sync per device), then reset."""
+        counts = {device: int(counter.item()) for device, counter in self._nonfinite.items()}
+        self._nonfinite.clear()
+        bad = {str(device): count for device, count in counts.items() if count}
+        if bad:
+            raise ValueError(f"non-finite values reached the quantizers: {bad}")
+
     def take_visibility(self) -> dict[str, float]:
         """Visibility metrics of the updates converted since the last call (empty after the first sync)."""
         metrics, self._visibility = self._visibility.metrics(), UpdateVisibility()
         return metrics
 
     def _track(self, name: str, weight: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> None:
+        """Keep the sampled rows' learner values and codes — on the CPU, whatever device the sync runs on."""
         previous = self._tracked.get(name)
         rows = previous.rows if previous is not None else _sample_rows(name, weight.shape[0], self.visibility_sample)
-        rows = rows.to(weight.device)
+        on_device = rows.to(weight.device)
+        row_codes = codes[on_device].cpu()
         current = _TrackedRows(
             rows=rows,
-            weight=weight[rows].float(),
-            dequant=self._dequantize_rows(codes[rows], scale, rows, weight.shape[1]),
-            codes=codes[rows].clone(),
+            weight=weight[on_device].float().cpu(),
+            dequant=self._dequantize_rows(row_codes, scale.cpu(), rows, weight.shape[1]),
+            codes=row_codes,
         )
         if previous is not None:
             self._visibility.add(previous.codes, current.codes, previous.weight, current.weight,

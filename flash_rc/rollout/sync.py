@@ -18,6 +18,7 @@ from typing import Literal
 
 import torch
 
+from flash_rc.rollout.checkpoint import local_tensor
 from flash_rc.rollout.engine import RolloutEngine
 
 WeightSource = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | torch.nn.Module
@@ -54,7 +55,7 @@ def named_weights(source: WeightSource, checkpoint_names: Iterable[str] = ()) ->
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple:
-    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    local = local_tensor(tensor)
     return (local.device, local.untyped_storage().data_ptr(), local.storage_offset())
 
 

@@ -12,15 +12,23 @@
    checkpoint tensor of its own, so the reload reprocesses the embedding but leaves the lm_head's handler holding the
    *old* (or, after a dummy start, random) weights: logits stop following the learner. After every reload we
    re-process each layer that only aliases another layer's weight.
+   Reloads go through :func:`layerwise_reload`, which also finalizes the layers when a stream fails midway.
 3. **fp32 lm_head** is vLLM's ``hf_overrides={"head_dtype": "float32"}`` (``ModelConfig.head_dtype``); older vLLMs
    do not have it, and we say so instead of silently running a bf16 head.
 4. **Which checkpoint tensors a quantized engine quantizes**: read from the engine's own modules, so what we
    requantize is exactly what vLLM built as quantized linears.
+5. **Releasing an engine** (``shutdown``) and **quieting** warnings vLLM repeats on every reload or request that are
+   benign for flash_rc's use (``quiet_benign_warnings``, keyed by vLLM's module names).
+
+The engine wrapper otherwise uses vLLM's public API: ``LLM``, ``LLMEngine.add_request`` / ``step`` /
+``abort_request`` / ``reset_prefix_cache`` and ``LLM.apply_model``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 
 _PATCHED = False
 
@@ -94,4 +102,62 @@ def quantized_linear_modules(model) -> dict[str, list[str]]:
 def quantized_checkpoint_names(model) -> frozenset[str]:
     """Checkpoint weight names (``…q_proj.weight``) of every quantized linear of a vLLM model."""
     return frozenset(f"{part}.weight" for parts in quantized_linear_modules(model).values() for part in parts)
+
+
+@contextlib.contextmanager
+def layerwise_reload(model, vllm_config):
+    """vLLM's layerwise in-place reload (what ``reload_weights`` does), made safe to fail and to tie.
+
+    Inside the block, ``model.load_weights(...)`` (any number of calls) buffers each layer's tensors and re-processes
+    the layer as soon as it is complete, copying the result into the existing parameter storage. The layers are
+    always finalized — vLLM's own ``reload_weights`` leaves them on the meta device if the stream raises midway — and
+    tied layers are refreshed (point 2 above).
+    """
+    import torch
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
+    with torch.no_grad(), set_current_vllm_config(vllm_config):
+        initialize_layerwise_reload(model)
+        try:
+            yield
+        finally:
+            finalize_layerwise_reload(model, vllm_config.model_config)
+            refresh_tied_layers(model)
+
+
+def shutdown(llm) -> None:
+    """Release an in-process ``vllm.LLM`` now (weights, KV cache) instead of whenever the GC gets to it."""
+    import torch
+
+    llm.llm_engine.engine_core.shutdown()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# Warnings vLLM repeats on every in-place reload or request that say nothing is wrong for how flash_rc uses it,
+# keyed by the vLLM module that logs them (filters on a logger survive vLLM's own logging set-up).
+_BENIGN_WARNINGS = {
+    # the rotary cache has no checkpoint tensor, and a tied lm_head gets its embedding's (refreshed after every
+    # reload by refresh_tied_layers): a reload keeps/refreshes them, correctly
+    "vllm.model_executor.model_loader.reload.layerwise": ("RotaryEmbedding: Failed to load weights",
+                                                           "ParallelLMHead: Failed to load weights"),
+    # token-id prompts are the input type every supported vLLM version accepts
+    "vllm.v1.engine.input_processor": "Passing raw prompts to InputProcessor is deprecated",
+    "vllm.v1.worker.cpu_worker": "CPU backend doesn't allow to use `torch.set_num_threads`",
+}
+
+
+def quiet_benign_warnings() -> None:
+    """Drop the warnings above (idempotent: a filter per logger)."""
+    import logging
+
+    for logger_name, prefixes in _BENIGN_WARNINGS.items():
+        logger = logging.getLogger(logger_name)
+        if not any(getattr(f, "flash_rc", False) for f in logger.filters):
+            drop = logging.Filter()
+            drop.filter = lambda record, p=prefixes: not record.getMessage().startswith(p)
+            drop.flash_rc = True
+            logger.addFilter(drop)
 

@@ -72,3 +72,12 @@ def test_engine_update_streams_one_layer_at_a_time(tiny_engine, tiny_model):
     # 27 tensors: embeddings, 2 layers of 12 (q/k/v weight+bias, o, gate, up, down, 2 norms), final norm, lm_head.
     # Validation reads each once and lets it go; the stream keeps at most a layer's worth while vLLM buffers it.
     assert len(peak) == 2 * 27 and max(peak) <= 13
+
+
+def test_export_writes_shards_with_an_index(tiny_model, tmp_path):
+    exported = export_quantized(tiny_model, tmp_path / "sharded", "fp8", shard_bytes=200_000)
+    index = json.loads((exported / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = sorted(p.name for p in exported.glob("*.safetensors"))
+    assert len(shards) > 2 and set(index.values()) == set(shards)
+    tensors = CheckpointTensors(exported)
+    assert set(tensors) == set(index) and tensors["model.layers.1.self_attn.o_proj.weight"].dtype == torch.float8_e4m3fn

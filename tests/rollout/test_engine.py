@@ -149,7 +149,8 @@ def test_rejected_updates_leave_the_engine_untouched(fresh_engine, hf_model):
         "missing": ({k: v for k, v in weights.items() if k != "model.norm.weight"}, "missing tensors"),
         "shape": (dict(weights, **{"model.norm.weight": torch.ones(7)}), "shape"),
         "nan": (dict(weights, **{"lm_head.weight": torch.full_like(weights["lm_head.weight"], float("nan"))}), "NaN"),
-        "int": (dict(weights, **{"model.norm.weight": torch.ones(128, dtype=torch.int32)}), "floating"),
+        "int": (dict(weights, **{"model.norm.weight": torch.ones(128, dtype=torch.int32)}), "torch.int32 is not"),
+        "float64": (dict(weights, **{"model.norm.weight": torch.ones(128, dtype=torch.float64)}), "float64 is not"),
     }
     version = fresh_engine.model_version
     for update, message in bad_updates.values():
@@ -217,3 +218,69 @@ def test_many_long_seeded_prompts(tiny_engine):
     prompts = [[1 + (i * 7 + j) % 600 for j in range(1000)] for i in range(12)]
     results = tiny_engine.generate(prompts, SamplingConfig(max_tokens=4, seed=1))
     assert [len(r[0].token_ids) for r in results] == [4] * 12
+
+
+def test_cancelled_requests_are_aborted_and_the_engine_keeps_serving(tiny_engine):
+    future = tiny_engine.submit(CHATS[0], SamplingConfig(max_tokens=400, seed=1))
+    assert future.cancel()
+
+    async def impatient():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(tiny_engine.agenerate(CHATS[1], SamplingConfig(max_tokens=400, seed=1)), 0.05)
+
+    asyncio.run(impatient())
+    assert tiny_engine.generate(CHATS[:2], SamplingConfig(max_tokens=4, seed=0))[1][0].token_ids
+    # the cancelled requests were aborted in vLLM, not left decoding
+    assert tiny_engine.call_in_engine_thread(lambda: (len(tiny_engine._inflight),
+                                                      tiny_engine._engine.has_unfinished_requests())) == (0, False)
+
+
+def test_a_failure_while_streaming_is_reported_and_repairable(fresh_engine, hf_model):
+    weights = {name: tensor.clone() for name, tensor in hf_model.state_dict().items()}
+    sampling = SamplingConfig(max_tokens=12, seed=5)
+    before = fresh_engine.generate(CHATS, sampling)
+
+    class BreaksWhileStreaming(dict):
+        reads: dict = {}
+
+        def __getitem__(self, name):  # the 2nd read of a tensor is the stream (the 1st is validation)
+            self.reads[name] = self.reads.get(name, 0) + 1
+            if name == "model.layers.1.mlp.up_proj.weight" and self.reads[name] == 2:
+                raise RuntimeError("learner went away")
+            return super().__getitem__(name)
+
+    version = fresh_engine.model_version
+    with pytest.raises(WeightUpdateError, match="failed while streaming.*learner went away"):
+        fresh_engine.update_weights(BreaksWhileStreaming(weights))
+    assert fresh_engine.model_version == version + 1  # some layers may hold new weights: a new version
+    assert fresh_engine.generate(CHATS[:1], SamplingConfig(max_tokens=2))[0][0].token_ids  # no layer left on meta
+    fresh_engine.update_weights(weights)
+    assert [c[0].token_ids for c in fresh_engine.generate(CHATS, sampling)] == [c[0].token_ids for c in before]
+
+
+def test_an_engine_crash_fails_everything_waiting(engine_slot, tiny_engine, hf_model):
+    engine = tiny_engine
+    running = engine.submit(CHATS[0], SamplingConfig(max_tokens=400, seed=1))
+    outcome = []
+
+    def update():
+        try:
+            engine.update_weights(hf_model.state_dict(), inflight="wait")  # held until the request finishes
+        except Exception as error:
+            outcome.append(error)
+
+    updater = threading.Thread(target=update)
+    updater.start()
+    time.sleep(0.2)
+
+    def crash(*args):
+        raise RuntimeError("engine step failed")
+
+    engine._engine.step = crash
+    with pytest.raises(RuntimeError, match="engine step failed"):
+        running.result(timeout=30)
+    updater.join(timeout=30)
+    assert not updater.is_alive() and "engine step failed" in str(outcome[0])
+    with pytest.raises(RuntimeError, match="has failed"):
+        engine.submit(CHATS[0], SamplingConfig())
+    engine_slot.close()

@@ -283,7 +283,18 @@ def test_sync_from_an_fsdp2_module(engine_slot, tiny_model, checkpoint):
 
 def test_fp32_lm_head(engine_slot, tiny_model):
     engine = engine_slot.get(engine_config(tiny_model, dtype="bfloat16", precision="int8", fp32_lm_head=True))
-    assert engine._llm.llm_engine.model_config.head_dtype == torch.float32
+    hidden = torch.randn(5, 128, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+
+    def logits_and_head(model):
+        return model.compute_logits(hidden).clone(), model.lm_head.weight.detach().clone()
+
+    logits, head = engine.apply_model(logits_and_head)
+    head = head[: logits.shape[-1]]  # vLLM pads the vocabulary rows to a multiple of 64
+    reference = hidden.float() @ head.float().T  # what a float32 head computes from the bf16 hidden states
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+    # a bf16 head would be off by bf16 rounding, far outside that tolerance
+    assert ((hidden @ head.T).float() - reference).abs().max() > 1e-3
     (completion,), = engine.generate(PROMPTS[:1], SamplingConfig(max_tokens=6, seed=0))
     assert len(completion.logprobs) == 6 and all(math.isfinite(x) for x in completion.logprobs)
 
@@ -291,21 +302,27 @@ def test_fp32_lm_head(engine_slot, tiny_model):
 @pytest.mark.gpu
 @pytest.mark.parametrize("granularity", ["tensor", "channel", "block"])
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
-def test_cuda_fp8_engines(engine_slot, tmp_path_factory, granularity, kv_cache_dtype):
+@pytest.mark.parametrize("scales", ["refresh", "frozen"])
+def test_cuda_fp8_engines(engine_slot, tmp_path_factory, granularity, kv_cache_dtype, scales):
     """CUDA FP8 W8A8 (cutlass / DeepGEMM kernels) and an FP8 KV cache: the engine follows a W8A8 reference more
     closely than the unquantized model, and zeroing lm_head still gives uniform logprobs. Block FP8 needs dims that
     are multiples of 128, hence a tiny model with hidden 128 and intermediate 256 works as is."""
     model = tmp_path_factory.mktemp("cuda-fp8")
     build_tiny_qwen2(model)
     engine = engine_slot.get(EngineConfig(model=str(model), dtype="bfloat16", precision="fp8",
-                                          fp8_granularity=granularity, kv_cache_dtype=kv_cache_dtype,
+                                          fp8_granularity=granularity, kv_cache_dtype=kv_cache_dtype, scales=scales,
                                           max_model_len=512, gpu_memory_utilization=0.3, visibility_sample=1.0))
     weights = dict(CheckpointTensors(model))
     names = engine.weight_format.quantized_names
     quantized = logprob_errors(engine, w8a8_reference(model, weights, names, "fp8", granularity))
     unquantized = logprob_errors(engine, AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32))
     assert quantized.mean() < unquantized.mean()
-    sync(engine, dict(weights, **{"lm_head.weight": torch.zeros_like(weights["lm_head.weight"])}))
+    # the learner's tensors live on the GPU (the start-up sync streamed CPU files): Triton quantizers, CPU-side
+    # visibility rows, frozen scales moved to the weights' device
+    on_gpu = {n: t.cuda() for n, t in weights.items()}
+    on_gpu["lm_head.weight"] = torch.zeros_like(on_gpu["lm_head.weight"])
+    report = sync(engine, on_gpu)
+    assert report.metrics["sync/codes_changed_fraction"] == 0.0  # same weights, now from the GPU
     (completion,), = engine.generate(PROMPTS[:1], SamplingConfig(max_tokens=6, seed=0))
     assert completion.logprobs == pytest.approx([-math.log(632)] * 6, abs=1e-3)
     engine_slot.close()

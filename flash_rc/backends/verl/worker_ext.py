@@ -52,7 +52,7 @@ from verl.workers.rollout.vllm_rollout.utils import vLLMColocateWorkerExtension
 from verl.workers.rollout.vllm_rollout.weight_update_utils import apply_buffer_updates
 
 from flash_rc.rollout import vllm_compat
-from flash_rc.rollout.checkpoint import tensor_problem
+from flash_rc.rollout.checkpoint import tensor_problems
 from flash_rc.rollout.formats import ScaleMode, WeightFormat, compressed_tensors_config
 
 logger = logging.getLogger(__name__)
@@ -146,20 +146,17 @@ class Int8RolloutWorkerExtension(vLLMColocateWorkerExtension):
         """Receive one weight sync from verl's ``BucketedWeightSender`` and load it requantized (same signature)."""
         if peft_config and base_sync_done:
             return super().update_weights_from_ipc(peft_config, base_sync_done, use_shm)
-        from vllm.config import set_current_vllm_config
-        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
-
         model = self.model_runner.get_model()
         sync = _LayerwiseSync(model, self._flash_rc_weight_format, {name for name, _ in model.named_buffers()})
         receiver = BucketedWeightReceiver(zmq_handle=self._get_zmq_handle(), device=self.device, use_shm=use_shm)
         start = time.perf_counter()
-        with torch.no_grad(), set_current_vllm_config(self.vllm_config):
-            initialize_layerwise_reload(model)
-            try:
-                receiver.receive_weights(on_bucket_received=sync.load_bucket)
-            finally:  # never leave layers on the meta device, even after a failed sync
-                finalize_layerwise_reload(model, self.vllm_config.model_config)
-                vllm_compat.refresh_tied_layers(model)
+        with vllm_compat.layerwise_reload(model, self.vllm_config):  # finalizes the layers even after an error
+            receiver.receive_weights(on_bucket_received=sync.load_bucket)
+        if sync.error is None and sync.weight_format is not None:
+            try:  # inputs were checked per bucket; this reads the quantizers' device-side counts once
+                sync.weight_format.raise_if_nonfinite()
+            except ValueError as error:
+                sync.error = WeightSyncError(str(error))
         if sync.error is not None:
             if sync.weight_format is not None:
                 sync.weight_format.take_visibility()  # a partial sync has no meaningful visibility metrics
@@ -218,6 +215,9 @@ class _LayerwiseSync:
         engine_tensors = []
         try:
             self.weight_format = self.weight_format or self.get_weight_format()
+            problems = tensor_problems(dict(weights))  # one host sync per bucket
+            if problems:
+                raise WeightSyncError("; ".join(problems))
             for name, tensor in weights:
                 self.tensors += 1
                 self.bytes += tensor.numel() * tensor.element_size()
@@ -237,9 +237,6 @@ class _LayerwiseSync:
             )
 
     def _convert(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        problem = tensor_problem(name, tensor)
-        if problem is not None:
-            raise WeightSyncError(problem)
         converted = list(self.weight_format.convert(name, tensor))
         # The layerwise reload holds tensors until their layer is complete, and the receiver reuses its bucket buffer
         # for the next bucket: tensors passed through unconverted are copied out of it.
