@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from omegaconf import OmegaConf
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from flash_rc.rollout.engine import EngineConfig, SamplingConfig
 
@@ -87,13 +87,16 @@ class ActorRolloutRefSection(Section):
     rollout: RolloutSection = RolloutSection()
 
 
-class EngineExtras(Section):
-    """``flash_rc.engine``: engine settings verl has no key for."""
-
-    kv_cache_gib: float = Field(2.0, gt=0)
-    """CPU only: KV cache size in GiB (on GPU, ``gpu_memory_utilization`` decides)."""
-    inflight_update: Literal["recompute", "wait"] = "recompute"
-    """What a weight update does to requests still generating (see ``EngineConfig.inflight_update``)."""
+# ``flash_rc.engine``: the engine settings verl has no key for, with EngineConfig's own types, defaults and docs.
+ENGINE_EXTRA_FIELDS = ("precision", "fp8_granularity", "scales", "quantizer", "fp32_lm_head", "kv_cache_dtype",
+                       "visibility_sample", "kv_cache_gib", "inflight_update")
+EngineExtras = create_model(
+    "EngineExtras",
+    __base__=Section,
+    __doc__="``flash_rc.engine``: engine settings verl has no key for (see ``EngineConfig``).",
+    **{name: (EngineConfig.model_fields[name].annotation, EngineConfig.model_fields[name])
+       for name in ENGINE_EXTRA_FIELDS},
+)
 
 
 def engine_config(actor_rollout_ref: ActorRolloutRefSection, extras: EngineExtras) -> EngineConfig:
@@ -109,8 +112,7 @@ def engine_config(actor_rollout_ref: ActorRolloutRefSection, extras: EngineExtra
         enable_prefix_caching=rollout.enable_prefix_caching,
         max_num_seqs=rollout.max_num_seqs,
         engine_kwargs=dict(rollout.engine_kwargs.get("vllm", {})),
-        kv_cache_gib=extras.kv_cache_gib,
-        inflight_update=extras.inflight_update,
+        **extras.model_dump(),
     )
 
 

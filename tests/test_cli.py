@@ -15,7 +15,7 @@ def test_user_mistakes_are_one_line_errors_not_tracebacks(capsys):
     err = capsys.readouterr().err
     assert "flash-rc decode: error: invalid recipe" in err and "data.path: Extra inputs" in err
     assert "Traceback" not in err
-    assert main(["decode", "flash_rc.rc.reasoning_prompt=/no/such/template.txt"]) == 2
+    assert main(["decode", "data.val_files=x.jsonl", "flash_rc.rc.reasoning_prompt=/no/such/template.txt"]) == 2
     assert "prompt template file not found" in capsys.readouterr().err
 
 

@@ -13,7 +13,8 @@ def test_yaml_plus_overrides(tmp_path):
         "actor_rollout_ref:\n  model:\n    path: tiny-qwen2\n  rollout:\n    val_kwargs: {temperature: 0.5}\n"
         "flash_rc:\n  rc: {num_cycles: 3}\n"
     )
-    recipe = load_recipe(DecodeRecipe, recipe_file, ["flash_rc.rc.num_cycles=5", "+data.val_max_samples=4"])
+    recipe = load_recipe(DecodeRecipe, recipe_file, ["flash_rc.rc.num_cycles=5", "+data.val_max_samples=4",
+                                                     "data.val_files=problems.jsonl"])
     assert recipe.actor_rollout_ref.model.path == "tiny-qwen2"
     assert recipe.actor_rollout_ref.rollout.val_kwargs.temperature == 0.5
     assert recipe.flash_rc.rc.num_cycles == 5 and recipe.data.val_max_samples == 4
@@ -31,7 +32,18 @@ def test_yaml_plus_overrides(tmp_path):
 )
 def test_bad_recipes_fail_before_start_up(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
-        load_recipe(DecodeRecipe, None, overrides)
+        load_recipe(DecodeRecipe, None, ["data.val_files=problems.jsonl", *overrides])
+
+
+def test_engine_extras_reuse_the_engine_config_fields():
+    recipe = load_recipe(DecodeRecipe, None, ["data.val_files=p.jsonl", "flash_rc.engine.precision=int8",
+                                              "flash_rc.engine.scales=frozen"])
+    from flash_rc.config import engine_config
+
+    config = engine_config(recipe.actor_rollout_ref, recipe.flash_rc.engine)
+    assert (config.precision, config.scales, config.model) == ("int8", "frozen", "smollm2-135m-instruct")
+    with pytest.raises(ConfigError, match="flash_rc.engine.precision"):
+        load_recipe(DecodeRecipe, None, ["data.val_files=p.jsonl", "flash_rc.engine.precision=int4"])
 
 
 def test_missing_recipe_file(tmp_path):

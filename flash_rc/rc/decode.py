@@ -30,8 +30,8 @@ from flash_rc.rc.state import ChainState, Turn
 class DataSection(Section):
     """verl's ``data`` keys decode reads."""
 
-    val_files: str | list[str] = "../shared/data/gsm8k/test.jsonl"
-    """Problem file(s): .jsonl, .json or .parquet."""
+    val_files: str | list[str]
+    """Problem file(s): .jsonl, .json or .parquet (required)."""
     val_max_samples: int = -1
     """Use at most this many problems (-1: all)."""
 
@@ -56,7 +56,7 @@ class FlashRCDecodeSection(Section):
 
 
 class DecodeRecipe(Section):
-    data: DataSection = DataSection()
+    data: DataSection
     actor_rollout_ref: ActorRolloutRefSection = ActorRolloutRefSection()
     flash_rc: FlashRCDecodeSection = FlashRCDecodeSection()
 
@@ -98,12 +98,17 @@ def _last_user_message(prompt: Any) -> str | None:
 
 
 def load_problems(files: str | list[str], offset: int = 0, limit: int = -1) -> list[Problem]:
+    files = [files] if isinstance(files, str) else list(files)
     problems: list[Problem] = []
-    for file in [files] if isinstance(files, str) else files:
+    for file in files:
         path = Path(file).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"problem file not found: {path}")
-        problems += [problem_from_row(row, i, where) for i, (where, row) in enumerate(read_records(path))]
+        from_file = [problem_from_row(row, i, where) for i, (where, row) in enumerate(read_records(path))]
+        if len(files) > 1:  # ids (row numbers, extra_info.index) are per file: keep them unique across files
+            for problem in from_file:
+                problem.problem_id = f"{path.stem}/{problem.problem_id}"
+        problems += from_file
     problems = problems[offset:]
     return problems if limit < 0 else problems[:limit]
 
@@ -113,27 +118,32 @@ def load_problems(files: str | list[str], offset: int = 0, limit: int = -1) -> l
 
 def make_grader(grading: str):
     """A scheduler grader: score each reasoning turn with flash_rc's time-limited reward router."""
-    from flash_rc.rewards import compute_score
+    from flash_rc.rewards import compute_score_async
 
-    def grade(chain: ChainState, turn: Turn) -> None:
+    async def grade(chain: ChainState, turn: Turn) -> None:
         if chain.ground_truth is None:
             return
         data_source = "flash_rc/rc_answer" if grading == "answer" else chain.data_source
-        result = compute_score(data_source, turn.raw_text, chain.ground_truth)
+        result = await compute_score_async(data_source, turn.raw_text, chain.ground_truth)
         turn.pred, turn.score, turn.correct = result["pred"], float(result["score"]), bool(result["acc"])
 
     return grade
 
 
-def accuracy_per_cycle(chains: list[ChainState], num_cycles: int) -> list[float]:
-    """pass@1 of reasoning turn t over all chains (a chain that failed before turn t counts as wrong)."""
-    if not chains:
-        return [0.0] * num_cycles
-    totals = [0] * num_cycles
-    for chain in chains:
-        for turn in chain.reasoning_turns[:num_cycles]:
-            totals[turn.turn_number - 1] += bool(turn.correct)
-    return [total / len(chains) for total in totals]
+class CycleAccuracy:
+    """Running pass@1 per cycle: turn t correct / chains counted (a chain that failed before turn t counts as wrong)."""
+
+    def __init__(self, num_cycles: int):
+        self.correct = [0] * num_cycles
+        self.chains = 0
+
+    def add(self, chain: ChainState) -> None:
+        self.chains += 1
+        for turn in chain.reasoning_turns[: len(self.correct)]:
+            self.correct[turn.turn_number - 1] += bool(turn.correct)
+
+    def per_cycle(self) -> list[float]:
+        return [c / self.chains if self.chains else 0.0 for c in self.correct]
 
 
 # ---------------------------------------------------------------------- run
@@ -158,31 +168,31 @@ def run_decode(recipe: DecodeRecipe, progress: bool = True) -> dict[str, Any]:
     ]
     output = Path(options.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    accuracy = CycleAccuracy(cycle.num_cycles)
     with RolloutEngine(engine_config(recipe.actor_rollout_ref, recipe.flash_rc.engine)) as engine, \
             output.open("w") as sink, tqdm(total=len(chains), desc="chains", disable=not progress) as bar:
         scheduler = CycleScheduler(engine, cycle, val_kwargs.sampling(), grader=grader)
         runnable = [c for c in chains if c.problem.strip()]
-        finished: list[ChainState] = []
 
         def on_chain_done(chain: ChainState) -> None:
             sink.write(json.dumps(chain.to_record()) + "\n")
             sink.flush()
-            finished.append(chain)
+            accuracy.add(chain)
             bar.update(1)
-            bar.set_postfix(last_cycle_acc=f"{accuracy_per_cycle(finished, cycle.num_cycles)[-1]:.3f}")
+            bar.set_postfix(last_cycle_acc=f"{accuracy.per_cycle()[-1]:.3f}")
 
         for chain in chains:  # empty problems become failed records, never engine calls
             if not chain.problem.strip():
                 chain.status, chain.error = "failed", "empty problem text"
                 on_chain_done(chain)
+        started = time.perf_counter()  # decoding only: engine start-up is not throughput
         asyncio.run(scheduler.run(runnable, on_chain_done=on_chain_done))
-    elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - started
     generated = sum(len(t.token_ids) for c in chains for t in c.turns)
     return {
         "chains": len(chains),
         "failed": sum(c.status == "failed" for c in chains),
-        "accuracy_per_cycle": accuracy_per_cycle(chains, cycle.num_cycles),
+        "accuracy_per_cycle": accuracy.per_cycle(),
         "generated_tokens": generated,
         "seconds": elapsed,
         "tokens_per_second": generated / elapsed if elapsed else 0.0,

@@ -18,13 +18,13 @@ import asyncio
 import dataclasses
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
-from typing import Literal, Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from flash_rc.rc import prompts as P
-from flash_rc.rc.state import ChainMode, ChainState, Turn, TurnType
+from flash_rc.rc.state import ChainMode, ChainState, SummaryMode, Turn, TurnType
 from flash_rc.rollout.engine import Completion, Prompt, SamplingConfig
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class CycleConfig(BaseModel):
     mode: ChainMode = "rc"
     """``rc`` (summaries), or a summary-free baseline: ``self_refine`` / ``self_verify`` (conditioned on the
     previous full reasoning)."""
-    summary_mode: Literal["replace", "append"] = "replace"
+    summary_mode: SummaryMode = "replace"
     """``replace``: the new summary replaces the old one (RC default); ``append``: summaries accumulate."""
     use_think_tags: bool = False
     """Only the text before ``</think>`` of a reasoning turn is summarized; think tags are stripped from summaries."""
@@ -90,8 +90,9 @@ class CyclePrompts:
         return cls(P.load_template(config.reasoning_prompt, default, P.BASELINE_FIELDS), None)
 
 
-Grader = Callable[[ChainState, Turn], None]
-"""Called after every reasoning turn; sets ``turn.pred``, ``turn.score`` and ``turn.correct``."""
+Grader = Callable[[ChainState, Turn], Awaitable[None]]
+"""Awaited after every reasoning turn; sets ``turn.pred``, ``turn.score`` and ``turn.correct`` (async, so slow
+scorers such as math-verify run in the reward pool without blocking the other chains)."""
 
 
 class CycleScheduler:
@@ -134,13 +135,11 @@ class CycleScheduler:
     async def run_chain(self, chain: ChainState) -> ChainState:
         """All cycles of one chain, each turn issued as soon as the previous one finished."""
         chain.status = "running"
-        chain.mode, chain.summary_mode = self.config.mode, self.config.summary_mode
-        chain.use_think_tags = self.config.use_think_tags
         try:
             for cycle in range(self.config.num_cycles):
                 turn = await self.turn(chain, "reasoning")
-                if self.grader is not None:  # scorers may be slow (math-verify): keep the event loop free
-                    await asyncio.to_thread(self.grader, chain, turn)
+                if self.grader is not None:
+                    await self.grader(chain, turn)
                 last = cycle == self.config.num_cycles - 1
                 if self.prompts.summarization is not None and (not last or self.config.summarize_last_cycle):
                     await self.turn(chain, "summarization")
@@ -163,7 +162,7 @@ class CycleScheduler:
             seed=turn_seed(self.config.seed, chain, turn_type),
         )
         (completion,) = await self._generate_with_retries(messages, sampling)
-        return chain.record_turn(turn_type, prompt, completion)
+        return chain.record_turn(turn_type, prompt, completion, self.config.summary_mode, self.config.use_think_tags)
 
     async def _generate_with_retries(self, messages: list[dict], sampling: SamplingConfig) -> list[Completion]:
         for attempt in range(self.config.max_retries + 1):

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 TurnType = Literal["reasoning", "summarization"]
 ChainMode = Literal["rc", "self_refine", "self_verify"]
+SummaryMode = Literal["replace", "append"]
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
@@ -56,9 +57,6 @@ class ChainState:
     problem: str
     ground_truth: str | None = None
     data_source: str = "openai/gsm8k"
-    mode: ChainMode = "rc"
-    summary_mode: Literal["replace", "append"] = "replace"
-    use_think_tags: bool = False
     curr_summary: str = ""
     curr_reasoning: str = ""
     starting_step: int = 0
@@ -76,10 +74,6 @@ class ChainState:
     def reasoning_turns(self) -> list[Turn]:
         return [t for t in self.turns if t.turn_type == "reasoning"]
 
-    @property
-    def summarization_turns(self) -> list[Turn]:
-        return [t for t in self.turns if t.turn_type == "summarization"]
-
     # ------------------------------------------------------------------ prompts
 
     def prompt_values(self, turn_type: TurnType) -> dict[str, str]:
@@ -90,16 +84,21 @@ class ChainState:
 
     # ------------------------------------------------------------------ updates
 
-    def record_turn(self, turn_type: TurnType, prompt: str, completion: Any) -> Turn:
-        """Append a completed turn (a ``rollout.engine.Completion``) and advance the chain in one step."""
+    def record_turn(self, turn_type: TurnType, prompt: str, completion: Any,
+                    summary_mode: SummaryMode = "replace", use_think_tags: bool = False) -> Turn:
+        """Append a completed turn (a ``rollout.engine.Completion``) and advance the chain in one step.
+
+        ``summary_mode``: a new summary ``replace``s the current one (RC) or is ``append``ed to it.
+        ``use_think_tags``: only the thinking before ``</think>`` of a reasoning turn is carried to the summarizer.
+        """
         if turn_type == "reasoning":
             self.reasoning_turn_number += 1
-            number, text = self.reasoning_turn_number, reasoning_for_summary(completion.text, self.use_think_tags)
+            number, text = self.reasoning_turn_number, reasoning_for_summary(completion.text, use_think_tags)
             self.curr_reasoning = text
         else:
             self.summarization_turn_number += 1
             number, text = self.summarization_turn_number, clean_summary(completion.text)
-            if self.summary_mode == "append" and self.curr_summary:
+            if summary_mode == "append" and self.curr_summary:
                 self.curr_summary = f"{self.curr_summary}\n\n{text}"
             else:
                 self.curr_summary = text

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from flash_rc.config import load_recipe
-from flash_rc.rc.decode import DecodeRecipe, accuracy_per_cycle, load_problems, main, problem_from_row, run_decode
+from flash_rc.rc.decode import CycleAccuracy, DecodeRecipe, load_problems, main, problem_from_row, run_decode
 from flash_rc.rc.state import ChainState, Turn
 
 
@@ -41,8 +41,19 @@ def test_accuracy_per_cycle_counts_missing_turns_as_wrong():
         return c
 
     # cycle 1: 2 of 4 right; cycle 2: 1 of 4 (the third chain failed after cycle 1, the fourth never started)
-    chains = [chain(True, True), chain(True, False), chain(False), chain()]
-    assert accuracy_per_cycle(chains, 2) == [0.5, 0.25]
+    accuracy = CycleAccuracy(2)
+    for c in [chain(True, True), chain(True, False), chain(False), chain()]:
+        accuracy.add(c)
+    assert accuracy.per_cycle() == [0.5, 0.25]
+    assert CycleAccuracy(3).per_cycle() == [0.0, 0.0, 0.0]
+
+
+def test_problem_ids_stay_unique_across_files(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n')
+    problems = load_problems([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")])
+    assert [p.problem_id for p in problems] == ["a/0", "b/0"]
+    assert load_problems(str(tmp_path / "a.jsonl"))[0].problem_id == "0"
 
 
 def test_decode_end_to_end(tiny_model, gsm8k_dir, tmp_path, engine_slot):
@@ -80,4 +91,6 @@ def test_cli_rejects_a_bad_key_before_starting(capsys):
     from flash_rc.config import ConfigError
 
     with pytest.raises(ConfigError, match="flash_rc.rc.num_cycle"):
-        main(["flash_rc.rc.num_cycle=3"])
+        main(["data.val_files=x.jsonl", "flash_rc.rc.num_cycle=3"])
+    with pytest.raises(ConfigError, match="data: Field required"):
+        main([])

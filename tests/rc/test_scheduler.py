@@ -115,7 +115,7 @@ def test_sampling_n_must_be_one():
 def test_real_engine_cycles(tiny_engine):
     graded = []
 
-    def grader(chain, turn):
+    async def grader(chain, turn):
         graded.append((chain.problem_id, turn.turn_number))
         turn.pred, turn.score, turn.correct = "x", 0.0, False
 

@@ -41,9 +41,11 @@ def test_model_version_is_per_turn_not_per_chain():
 
 def test_replace_and_append_summaries():
     replace = ChainState(problem_id="p", sample_id=0, problem="x")
-    append = ChainState(problem_id="p", sample_id=0, problem="x", summary_mode="append")
-    for chain in (replace, append):
-        run_cycles(chain, 2)
+    append = ChainState(problem_id="p", sample_id=0, problem="x")
+    run_cycles(replace, 2)
+    for c in range(2):
+        append.record_turn("reasoning", f"R{c}", completion(f"reasoning {c}"), summary_mode="append")
+        append.record_turn("summarization", f"S{c}", completion(f"summary {c}"), summary_mode="append")
     assert replace.curr_summary == "summary 1"
     assert append.curr_summary == "summary 0\n\nsummary 1"
     # the next summarization prompt sees the current summary and the latest reasoning
@@ -59,8 +61,8 @@ def test_think_tags():
     # a summarizer that thinks first: keep what follows </think>
     assert clean_summary("<think>draft</think>\nI computed 4.") == "I computed 4."
     assert clean_summary("I computed 4.") == "I computed 4."
-    chain = ChainState(problem_id="p", sample_id=0, problem="x", use_think_tags=True)
-    turn = chain.record_turn("reasoning", "R", completion("<think>work</think>answer"))
+    chain = ChainState(problem_id="p", sample_id=0, problem="x")
+    turn = chain.record_turn("reasoning", "R", completion("<think>work</think>answer"), use_think_tags=True)
     assert (turn.raw_text, turn.text, chain.curr_reasoning) == ("<think>work</think>answer", "work", "work")
 
 
