@@ -29,7 +29,6 @@ Under TRITON_INTERPRET=1 (CPU tests) tiles are upcast to float32 before `tl.dot`
 is wrong; on GPU bf16 operands go to the tensor cores directly.
 """
 
-import os
 from typing import Literal, NamedTuple
 
 import torch
@@ -37,14 +36,15 @@ import triton
 import triton.language as tl
 from torch.utils.checkpoint import checkpoint
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from flash_rc.kernels.dispatch import INTERPRET, use_triton
+
 _TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _DZ_BUFFER_BYTES = 2 << 30  # default size of the backward's [chunk, V] buffer
 _MAX_BLOCK_V = 256  # vocabulary slices are multiples of the largest BLOCK_V below
 
 
 def _tile_configs() -> list[triton.Config]:
-    if _INTERPRET:
+    if INTERPRET:
         return [triton.Config({"BLOCK_T": 16, "BLOCK_V": 32, "BLOCK_H": 16}, num_warps=1)]
     return [
         triton.Config({"BLOCK_T": 128, "BLOCK_V": 128, "BLOCK_H": 64}, num_warps=8, num_stages=3),
@@ -184,7 +184,7 @@ def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
 def _num_vocab_splits(num_tokens: int, vocab: int, device: torch.device) -> int:
     """Enough vocabulary slices for ~2 programs per SM when there are few token blocks."""
     max_splits = triton.cdiv(vocab, _MAX_BLOCK_V)
-    if _INTERPRET or device.type != "cuda":
+    if INTERPRET or device.type != "cuda":
         return min(2, max_splits)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(max_splits, triton.cdiv(2 * sms, triton.cdiv(num_tokens, 128))))
@@ -214,7 +214,7 @@ class _LinearLogProb(torch.autograd.Function):
             _lse_partial_kernel[grid](
                 hidden, weight, targets, partials, num_tokens, vocab, hidden_size,
                 hidden.stride(0), weight.stride(0), 1.0 / temperature, vocab_per_split, splits,
-                UPCAST=_INTERPRET, PRECISION=_dot_precision(hidden.dtype),
+                UPCAST=INTERPRET, PRECISION=_dot_precision(hidden.dtype),
             )  # fmt: skip
         running_max, exp_sum, exp_z_sum, target_logit = partials.unbind(0)
         global_max = running_max.max(dim=0).values
@@ -254,7 +254,7 @@ class _LinearLogProb(torch.autograd.Function):
                 rows, vocab, hidden_size, hidden.stride(0), weight.stride(0), dz.stride(0),
                 1.0 / ctx.temperature,
                 HAS_LP_GRAD=grad_log_prob is not None, HAS_ENT_GRAD=grad_entropy is not None,
-                UPCAST=_INTERPRET, PRECISION=_dot_precision(hidden.dtype),
+                UPCAST=INTERPRET, PRECISION=_dot_precision(hidden.dtype),
             )  # fmt: skip
             if grad_hidden is not None:
                 torch.mm(dz, weight, out=grad_hidden[chunk])
@@ -307,19 +307,12 @@ def fused_linear_logprob(
     TRITON_INTERPRET=1). chunk_tokens bounds the backward's [chunk, V] buffer (default ≈2 GiB); vocab_splits
     overrides the forward's vocabulary parallelism (default: enough programs for ~2 per SM).
     """
-    if backend == "auto":
-        backend = "triton" if hidden.is_cuda else "torch"
-    if backend == "torch":
+    if not use_triton(hidden, backend, "fused_linear_logprob: hidden"):
         return linear_logprob_reference(hidden, weight, targets, temperature, with_entropy, chunk_tokens or 1024)
-    if backend != "triton":
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     check_linear_inputs(hidden, weight, targets, temperature)
     if hidden.dtype not in _TRITON_DTYPES:
         raise TypeError(f"the Triton path takes bfloat16/float16/float32 hidden, got {hidden.dtype}; "
                         "use backend='torch'")  # fmt: skip
-    if not hidden.is_cuda and not _INTERPRET:
-        raise ValueError(f"the Triton linear_logprob kernel needs CUDA tensors (hidden is on {hidden.device}); "
-                         "use backend='torch' or set TRITON_INTERPRET=1 before importing triton")  # fmt: skip
     if chunk_tokens is not None and chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     log_prob, entropy = _LinearLogProb.apply(hidden, weight, targets, float(temperature), chunk_tokens, vocab_splits)

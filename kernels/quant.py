@@ -28,7 +28,6 @@ host sync) and raises ValueError naming the tensor; pass `nonfinite_count` to ac
 bucket of tensors with one sync. The weight itself is never modified; outputs are fresh tensors.
 """
 
-import os
 from collections.abc import Sequence
 from typing import Literal
 
@@ -36,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from flash_rc.kernels.dispatch import INTERPRET, use_triton
 from flash_rc.rollout import quant as reference
 from flash_rc.rollout.quant import (
     FP8_BLOCK_MIN_AMAX,
@@ -51,8 +51,6 @@ from flash_rc.rollout.quant import (
     raise_if_nonfinite,
 )
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
 # _quantize_rows_kernel MODE: how a scale is derived from an amax and how codes are computed from it.
 _INT8_CHANNEL, _FP8_CHANNEL, _FP8_TENSOR = 0, 1, 2
 # ... and SCALE_FROM: where the scale comes from.
@@ -61,8 +59,8 @@ _RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5·2^23: x + M − M rounds a float32
 _FP8_SUBNORMAL_MAGIC = tl.constexpr(16384.0)  # 2^14: its float32 ulp is 2^-9, the E4M3 subnormal step
 _FP8_SUBNORMAL_MAGIC_BITS = tl.constexpr(0x46800000)  # float32 bits of 16384.0
 # Tile sizes: big tiles keep loads in flight on a GPU, small ones keep the interpreter (numpy) fast in CI.
-_MAX_ROW_TILE = 1024 if _INTERPRET else 16384  # widest row quantized in one pass
-_TILE = 1024 if _INTERPRET else 8192  # elements per program otherwise
+_MAX_ROW_TILE = 1024 if INTERPRET else 16384  # widest row quantized in one pass
+_TILE = 1024 if INTERPRET else 8192  # elements per program otherwise
 
 
 @triton.jit
@@ -212,18 +210,7 @@ def _row_tiles(n_cols: int) -> tuple[int, int, bool, int]:
     else:
         block_n, single = _TILE, False
     block_m = max(1, _TILE // block_n)
-    return block_m, block_n, single, 1 if _INTERPRET else (8 if block_m * block_n >= 8192 else 4)
-
-
-def _use_triton(weight: torch.Tensor, backend: str) -> bool:
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "auto":
-        return weight.is_cuda
-    if backend == "triton" and not weight.is_cuda and not _INTERPRET:
-        raise ValueError(f"the Triton quantizers need CUDA tensors (the weight is on {weight.device}); "
-                         "use backend='torch' or set TRITON_INTERPRET=1 before importing triton")  # fmt: skip
-    return backend == "triton"
+    return block_m, block_n, single, 1 if INTERPRET else (8 if block_m * block_n >= 8192 else 4)
 
 
 def _counter(weight: torch.Tensor, nonfinite_count: torch.Tensor | None) -> torch.Tensor:
@@ -276,7 +263,7 @@ def quantize_int8_per_channel(
     nonfinite_count (int32 [1] on the weight's device): when given, the kernel adds the number of NaN/±inf inputs to
     it and returns without a host sync — the caller must check it before using the codes. The torch path always
     raises immediately instead."""
-    if not _use_triton(weight, backend):
+    if not use_triton(weight, backend, f"quantize_int8_per_channel: {name}"):
         return reference.quantize_int8_per_channel(weight, scale, name=name)
     check_weight(weight, name)
     if scale is not None:
@@ -303,7 +290,7 @@ def quantize_fp8(
     """Same contract as `flash_rc.rollout.quant.quantize_fp8`: (codes float8_e4m3fn [out, in], float32 scale of
     `fp8_scale_shape`), bit-identical. Block sizes must be powers of two on the Triton path (vLLM uses 128×128).
     `backend` and `nonfinite_count` as in `quantize_int8_per_channel`."""
-    if not _use_triton(weight, backend):
+    if not use_triton(weight, backend, f"quantize_fp8: {name}"):
         return reference.quantize_fp8(weight, granularity, block_size, scale, name=name)
     check_weight(weight, name)
     block_rows, block_cols = check_block_size(block_size)
@@ -322,7 +309,7 @@ def quantize_fp8(
             n_rows, n_cols, weight.stride(0), weight.stride(1), out_scale.stride(0), out_scale.stride(1),
             FP8_BLOCK_MIN_AMAX, FP8_INV_MAX,
             HAS_SCALE=scale is not None, BLOCK_M=block_rows, BLOCK_N=block_cols,
-            num_warps=1 if _INTERPRET else 8, enable_fp_fusion=False,
+            num_warps=1 if INTERPRET else 8, enable_fp_fusion=False,
         )  # fmt: skip
     else:
         mode = _FP8_TENSOR if granularity == "tensor" else _FP8_CHANNEL

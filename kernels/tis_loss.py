@@ -31,7 +31,6 @@ Non-finite inputs: tokens where any input is NaN/±inf are dropped exactly like 
 gradient, excluded from the means), and counted in `rollout_corr/nonfinite_token_fraction`.
 """
 
-import os
 from typing import Literal
 
 import torch
@@ -47,8 +46,7 @@ from flash_rc.algo.losses import (
     tis_policy_loss,
 )
 from flash_rc.algo.rollout_correction import SAFETY_BOUND, RolloutCorrectionConfig
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from flash_rc.kernels.dispatch import INTERPRET, use_triton
 
 # Metrics in the order _tis_finalize_kernel writes them. Same keys as tis_policy_loss.
 METRIC_KEYS: tuple[str, ...] = (
@@ -384,7 +382,7 @@ def _tis_bwd_kernel(
 def _row_block(length: int) -> tuple[int, int]:
     """(BLOCK, num_warps) for a row of `length` tokens: big enough to keep loads in flight, small under the
     interpreter."""
-    if _INTERPRET:
+    if INTERPRET:
         return min(64, max(16, triton.next_power_of_2(max(length, 1)))), 1
     block = min(2048, max(128, triton.next_power_of_2(max(length, 1))))
     return block, 8 if block >= 2048 else 4
@@ -423,7 +421,7 @@ class _FusedTISLoss(torch.autograd.Function):
             stats, loss, scale, metrics,
             batch, float(batch_info.dp_size), float(batch_info.batch_num_tokens or 0),
             float(batch_info.global_batch_size or 0), float(batch_info.loss_scale_factor or max(length, 1)),
-            AGG_MODE=_AGG_CODES[loss_config.loss_agg_mode], BLOCK_B=16 if _INTERPRET else 256,
+            AGG_MODE=_AGG_CODES[loss_config.loss_agg_mode], BLOCK_B=16 if INTERPRET else 256,
         )  # fmt: skip
         ctx.save_for_backward(grad, stats, scale)
         ctx.row_mean = loss_config.loss_agg_mode == "seq-mean-token-mean"
@@ -458,15 +456,8 @@ def fused_tis_loss(
     and the torch reference otherwise; "triton" on CPU tensors needs TRITON_INTERPRET=1 (the test suite does that).
     """
     batch_info.check(loss_config.loss_agg_mode)
-    if backend == "auto":
-        backend = "triton" if batch.log_prob.is_cuda else "torch"
-    if backend == "torch":
+    if not use_triton(batch.log_prob, backend, "fused_tis_loss: log_prob"):
         return tis_policy_loss(batch, loss_config, correction, batch_info)
-    if backend != "triton":
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if not batch.log_prob.is_cuda and not _INTERPRET:
-        raise ValueError(f"the Triton TIS kernel needs CUDA tensors (log_prob is on {batch.log_prob.device}); "
-                         "use backend='torch' or set TRITON_INTERPRET=1 before importing triton")
     loss, metrics = _FusedTISLoss.apply(
         batch.log_prob, batch.old_log_prob, batch.rollout_log_prob, batch.advantages, batch.response_mask,
         loss_config, correction, batch_info,

@@ -17,7 +17,8 @@ The only limit that always holds is killing the process. So:
   no files behind.
 
 Use it through ``flash_rc.rewards.router`` (``compute_score``/``score_batch``); ``submit``/``submit_many`` return
-``concurrent.futures.Future`` objects (``asyncio.wrap_future`` makes them awaitable).
+``concurrent.futures.Future`` objects (``asyncio.wrap_future`` makes them awaitable). A caller may cancel a future
+whose job has not started (an awaiting task that gives up does): the pool skips that job and serves the rest.
 """
 
 from __future__ import annotations
@@ -37,12 +38,13 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 
 from flash_rc.rewards.router import ScoringJob
-from flash_rc.rewards.types import failed_result
+from flash_rc.rewards.types import RewardResult, failed_result
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +99,28 @@ class _Pending:
     requeued: bool = False
     """Was in a chunk whose worker died: sent alone from now on, so that several hung jobs from one chunk run on
     different workers in parallel instead of one after another."""
+
+
+def _claim(future: Future) -> bool:
+    """Whether the pool may resolve ``future``: True once it is running, False if its caller cancelled it.
+
+    Callers cancel futures that are still queued (``asyncio.wait_for`` giving up on ``compute_score_async`` does).
+    ``set_running_or_notify_cancel`` moves a pending future to running atomically with ``cancel()``, after which
+    ``cancel()`` fails, so resolving a claimed future can never raise ``InvalidStateError`` -- a ``done()`` check
+    would race with the caller. Only the dispatcher thread claims and resolves futures, each exactly once.
+    """
+    return future.running() or future.set_running_or_notify_cancel()
+
+
+def _finish(future: Future, result: RewardResult) -> None:
+    if _claim(future):
+        future.set_result(result)
+
+
+def _fail(pending: Iterable[_Pending], reason: str) -> None:
+    for p in pending:
+        if _claim(p.future):
+            p.future.set_exception(RewardPoolError(reason))
 
 
 @dataclass(eq=False)  # identity semantics: workers are looked up with `in` / index()
@@ -241,7 +265,7 @@ class RewardPool:
         else:  # replaced before any caller hears of it, so nobody observes the dead worker
             self._workers[index] = self._spawn()
         if unfinished:
-            unfinished.pop(running).future.set_result(failed_result(reason))
+            _finish(unfinished.pop(running).future, failed_result(reason))
             for pending in unfinished:
                 pending.requeued = True
             with self._lock:
@@ -266,7 +290,7 @@ class RewardPool:
                 chunk = [self._queue.popleft()]
                 while len(chunk) < size and self._queue and not (chunk[0].requeued or self._queue[0].requeued):
                     chunk.append(self._queue.popleft())
-                chunk = [p for p in chunk if p.future.running() or p.future.set_running_or_notify_cancel()]
+                chunk = [p for p in chunk if _claim(p.future)]  # drops futures their callers cancelled
                 if not chunk:
                     continue
                 worker.chunk.extend(chunk)
@@ -292,7 +316,7 @@ class RewardPool:
                     worker.waiting_since = time.monotonic()
                 elif kind == "results":
                     for result in message[1]:
-                        worker.chunk.popleft().future.set_result(result)
+                        _finish(worker.chunk.popleft().future, result)
                     worker.results_received += len(message[1])
                 if not worker.conn.poll(0):
                     return
@@ -311,8 +335,7 @@ class RewardPool:
     def _fail_queue(self, reason: str) -> None:
         with self._lock:
             pending, self._queue = list(self._queue), collections.deque()
-        for p in pending:
-            p.future.set_exception(RewardPoolError(reason))
+        _fail(pending, reason)
 
     def _dispatch_loop(self) -> None:
         try:
@@ -323,8 +346,7 @@ class RewardPool:
             logger.exception("reward pool dispatcher crashed")
             reason = self._broken = f"reward pool dispatcher crashed: {type(exc).__name__}: {exc}"
         for worker in self._workers:
-            for p in worker.chunk:
-                p.future.set_exception(RewardPoolError(reason))
+            _fail(worker.chunk, reason)
             self._retire(worker)
         self._fail_queue(reason)
 

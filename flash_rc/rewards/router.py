@@ -15,8 +15,9 @@ Routing, first match wins:
 Anything else raises ``UnknownDataSourceError`` before any work is queued.
 
 Every call runs in the process pool of ``pool.py`` with the route's wall-clock limit (override per call with
-``timeout_s=``); a call that exceeds it scores 0 with reason ``timeout``. Remaining keyword arguments (verl's
-``reward_kwargs``) go to the scorer, checked against its signature here so a typo fails loudly instead of in a
+``timeout_s=``); a call that exceeds it scores 0 with reason ``timeout``. Scorers' own limits have their own names
+(math's ``verify_timeout_s``, code_tests' ``test_timeout_s``) and should stay inside it. Remaining keyword arguments
+(verl's ``reward_kwargs``) go to the scorer, checked against its signature here so a typo fails loudly instead of in a
 worker; ``format_weight=w`` adds ``w * format_score`` (see ``format.py``). Arguments verl adds for its own reward
 models (``reward_router_address``, ...) are dropped.
 """

@@ -5,7 +5,11 @@ import time
 
 import pytest
 
-from flash_rc.rewards.math import compute_score, is_equivalent
+from flash_rc.rewards import math as math_scorer
+from flash_rc.rewards.math import VERIFY_TIMEOUT_S, compute_score, is_equivalent
+from flash_rc.rewards.router import MATH
+
+HUGE_POWER = "\\boxed{9^{9^{9^{9}}}}"  # parses at once; sympy comparing it with anything never finishes
 
 
 @pytest.mark.parametrize("ground_truth, answer", [
@@ -72,7 +76,66 @@ def test_adversarial_inputs_return_a_verdict(text):
     start = time.perf_counter()
     result = compute_score(text, "4")
     assert result["score"] in (0.0, 1.0) and result["reason"]
-    assert time.perf_counter() - start < 12  # math-verify's own 5 s parse + 5 s verify limits, on the main thread
+    # on the main thread math-verify's own limits hold: 4 s to parse the answer + 4 s to compare ("4" is parsed at once)
+    assert time.perf_counter() - start < 12
+
+
+def test_verify_timeout_bounds_a_slow_comparison():
+    start = time.perf_counter()
+    assert compute_score(HUGE_POWER, "4", verify_timeout_s=1)["reason"] == "wrong_answer"
+    assert 1 <= time.perf_counter() - start < 3  # the 1 s SIGALRM ended the comparison, not the 4 s default
+
+
+def test_default_verify_timeout_fits_the_routes_hard_limit():
+    # worst case: parse the ground truth, parse the answer, one symbolic comparison -- each up to VERIFY_TIMEOUT_S
+    assert 3 * VERIFY_TIMEOUT_S < MATH.timeout_s
+
+
+@pytest.mark.parametrize("verify_timeout_s", [0, -1, 2.5, True, "4"])
+def test_bad_verify_timeout_is_a_clear_error(verify_timeout_s):
+    with pytest.raises(ValueError, match="verify_timeout_s must be a positive whole number"):
+        compute_score("no box here", "4", verify_timeout_s=verify_timeout_s)
+
+
+@pytest.fixture
+def counted_parses(monkeypatch):
+    """Every text math-verify parses, in order, with the gold cache emptied first."""
+    parsed, parse = [], math_scorer._parse_boxed
+
+    def counting_parse(latex, timeout_s):
+        parsed.append(latex)
+        return parse(latex, timeout_s)
+
+    math_scorer._parsed_gold.cache_clear()
+    monkeypatch.setattr(math_scorer, "_parse_boxed", counting_parse)
+    yield parsed
+    math_scorer._parsed_gold.cache_clear()
+
+
+def test_each_ground_truth_is_parsed_once(counted_parses):
+    matrix = "\\begin{pmatrix}1\\\\2\\end{pmatrix}"  # parses to a (mutable) sympy Matrix: reuse must not alter it
+    same = "\\boxed{\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}}"
+    responses = [same, "\\boxed{\\begin{pmatrix}1\\\\3\\end{pmatrix}}", same]
+    assert [compute_score(r, matrix)["acc"] for r in responses] == [True, False, True]
+    assert [compute_score(r, "\\frac12")["acc"] for r in ["\\boxed{0.5}", "\\boxed{1}", "\\boxed{2/4}"]] == [
+        True, False, True]
+    assert counted_parses.count(matrix) == 1 and counted_parses.count("\\frac12") == 1
+    assert len(counted_parses) == 2 + 6  # two ground truths, six answers
+
+
+def test_a_failed_ground_truth_parse_is_not_cached(counted_parses, monkeypatch):
+    parse = math_scorer._parse_boxed  # the counting wrapper
+    timed_out = []  # the first parse of the gold comes back empty, as math-verify's does on a timeout
+
+    def parse_timing_out_once(latex, timeout_s):
+        if latex == "7" and not timed_out:
+            timed_out.append(latex)
+            return []
+        return parse(latex, timeout_s)
+
+    monkeypatch.setattr(math_scorer, "_parse_boxed", parse_timing_out_once)
+    assert compute_score("\\boxed{7}", "7")["reason"] == "wrong_answer"
+    assert compute_score("\\boxed{7}", "7")["reason"] == "correct"  # parsed again, not the cached failure
 
 
 def test_gsm8k_fallback_for_unboxed_answers():

@@ -1,13 +1,16 @@
 """The reward pool's hard limits: hangs (even inside one C call) and crashes cost one job, never the batch."""
 
+import asyncio
 import os
 import sys
 import time
 
 import pytest
 
+from flash_rc.rewards import router
 from flash_rc.rewards.pool import RewardPool, RewardPoolError
-from flash_rc.rewards.router import ScoreRequest, ScoringJob, make_job, score_batch
+from flash_rc.rewards.router import ScoreRequest, ScoringJob, compute_score, compute_score_async, make_job, \
+    score_batch
 
 SLACK_S = 1.0  # kill, requeue and scheduling delays on a loaded 2-core CI machine; typically ~10 ms
 
@@ -24,6 +27,13 @@ def scores(pool: RewardPool, jobs: list[ScoringJob]) -> list[dict]:
 def pool():
     with RewardPool(num_workers=2) as pool:
         yield pool
+
+
+def wait_until(condition, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{condition} still false after {timeout_s}s"
+        time.sleep(0.01)
 
 
 def pid_alive(pid: int) -> bool:
@@ -124,6 +134,41 @@ def test_close_kills_workers_and_removes_their_files(scripted_scorer):
     assert not any(os.path.exists(d) for d in dirs)
     with pytest.raises(RewardPoolError, match="closed"):
         pool.submit(job(scripted_scorer, "ok"))
+
+
+def test_cancelled_async_callers_leave_the_pool_serving(monkeypatch, scripted_scorer):
+    """verl's async reward loop may give up on calls (asyncio.wait_for): the calls around them still complete."""
+    with RewardPool(num_workers=1) as pool:
+        monkeypatch.setattr(router, "_default_pool", pool)  # compute_score_async submits here
+        busy = pool.submit(job(scripted_scorer, "busy", timeout_s=1.0))
+        wait_until(busy.running)  # the only worker is taken for 1 s: every call below waits in the queue
+
+        async def main():
+            calls = [compute_score_async("openai/gsm8k", f"#### {i}", str(i)) for i in range(6)]
+            # odd calls give up after 0.05 s, which cancels their queued futures; even ones wait for their result
+            waits = [asyncio.wait_for(call, timeout=0.05 if i % 2 else 60) for i, call in enumerate(calls)]
+            return await asyncio.gather(*waits, return_exceptions=True)
+
+        results = asyncio.run(main())
+        assert all(isinstance(result, TimeoutError) for result in results[1::2])
+        assert [result["reason"] for result in results[::2]] == ["correct"] * 3
+        assert busy.result(timeout=0)["reason"] == "timeout"
+        assert compute_score("openai/gsm8k", "#### 7", "7")["acc"]  # the dispatcher is alive and serving
+        assert not pool._queue
+
+
+def test_cancelled_futures_do_not_stop_close_failing_the_rest(scripted_scorer):
+    """close() fails every queued future; one a caller cancelled must be skipped, not abort the others."""
+    pool = RewardPool(num_workers=1)
+    running = pool.submit(job(scripted_scorer, "sleep", timeout_s=30))
+    wait_until(running.running)  # the only worker is taken: the jobs below stay queued
+    queued = pool.submit_many([job(scripted_scorer, "ok") for _ in range(6)])
+    assert all(future.cancel() for future in queued[::2])
+    pool.close()
+    for future in [running, *queued[1::2]]:
+        with pytest.raises(RewardPoolError, match="closed"):
+            future.result(timeout=5)
+    assert all(future.cancelled() for future in queued[::2])
 
 
 def test_workers_that_cannot_start_fail_loudly(monkeypatch):

@@ -76,6 +76,15 @@ def test_make_job_validates_kwargs_in_the_caller():
         make_job(ScoreRequest("openai/gsm8k", "#### 1", "1", None, {"timeout_s": 0}))
 
 
+def test_math_verify_timeout_is_not_the_pools_limit():
+    # timeout_s is the pool's hard limit for the call; verify_timeout_s is math-verify's own, passed to the scorer
+    job = make_job(ScoreRequest("lighteval/MATH", "\\boxed{1}", "1", None, {"timeout_s": 3, "verify_timeout_s": 1}))
+    assert (job.kwargs, job.timeout_s) == ({"verify_timeout_s": 1}, 3.0)
+    # a comparison sympy never finishes: math-verify gives up after 1 s, before the pool's 3 s kill ("timeout")
+    result = compute_score("lighteval/MATH", "\\boxed{9^{9^{9^{9}}}}", "4", timeout_s=3, verify_timeout_s=1)
+    assert result["reason"] == "wrong_answer"
+
+
 def test_compute_score_with_verls_calling_convention():
     # verl calls the custom reward function with these keyword names and merges reward_kwargs in.
     result = compute_score(data_source="openai/gsm8k", solution_str="so #### 72", ground_truth="72",
