@@ -150,8 +150,13 @@ _BENIGN_WARNINGS = {
 
 
 def quiet_benign_warnings() -> None:
-    """Drop the warnings above (idempotent: a filter per logger)."""
+    """Drop the warnings above (idempotent: a filter per logger), and deprecation noise vLLM's imports raise."""
     import logging
+    import warnings
+
+    for message, category in ((r".*torch\.distributed\.reduce_op. is deprecated", FutureWarning),
+                              (r".*torch\.jit\.script_method. is deprecated", DeprecationWarning)):
+        warnings.filterwarnings("ignore", message=message, category=category)
 
     for logger_name, prefixes in _BENIGN_WARNINGS.items():
         logger = logging.getLogger(logger_name)
