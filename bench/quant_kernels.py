@@ -7,7 +7,7 @@ For every quantizer (INT8 per channel with computed or frozen scales; FP8 E4M3 p
 block) and 7B-like shapes (4096×4096 attention, 11008×4096 and 4096×11008 MLP projections) it prints the median time
 of the Triton kernels (`flash_rc.kernels.quant`, with a caller-owned non-finite counter, i.e. no host sync: the
 bucketed sync path), of the same with the default per-call check (one host sync), of the torch reference
-(`flash_rc.rollout.quant`, which also checks finiteness), and of vLLM's own online quantizer where one exists and
+(`flash_rc.algo.quant`, which also checks finiteness), and of vLLM's own online quantizer where one exists and
 vLLM is importable — each as a multiple of the HBM floor: (bf16 read once + codes written once + scales) / the
 device-to-device copy bandwidth measured in the same run. Per-tensor FP8 needs the global amax before any code, so
 its kernels read the weight twice: 5/3 of the floor is its best case. Each result is also checked bit for bit against
@@ -21,8 +21,8 @@ from collections.abc import Callable
 
 import torch
 
+from flash_rc.algo import quant as reference
 from flash_rc.kernels import quant as triton_quant
-from flash_rc.rollout import quant as reference
 from memory_floor import copy_bandwidth
 
 SHAPES = ((4096, 4096), (11008, 4096), (4096, 11008))

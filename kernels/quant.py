@@ -3,9 +3,10 @@
 Why this exists. Every weight sync re-quantizes the whole model (14 GB of bf16 for a 7B model). In eager PyTorch
 each quantizer is 6–8 kernels with float32 temporaries (upcast, finiteness check, abs, amax, divide, round, clamp,
 cast): 43–51 bytes moved per bf16 element (counted per aten op). These kernels read the weight once and write the
-codes (and scales) once: 3 bytes per element, the HBM floor. The math is `flash_rc.rollout.quant` (read its docstring); this file only computes it, *bit for
-bit*: same float32 operations in the same order, IEEE division (`tl.div_rn`; a plain `/` may lower to an approximate
-divide), no FMA contraction (`enable_fp_fusion=False`), round-half-to-even done explicitly.
+codes (and scales) once: 3 bytes per element, the HBM floor. The math is `flash_rc.algo.quant` (read its docstring);
+this file only computes it, *bit for bit*: same float32 operations in the same order, IEEE division (`tl.div_rn`; a
+plain `/` may lower to an approximate divide), no FMA contraction (`enable_fp_fusion=False`), round-half-to-even done
+explicitly.
 
 Kernels:
 
@@ -36,8 +37,8 @@ import triton
 import triton.language as tl
 
 from flash_rc.kernels.dispatch import INTERPRET, use_triton
-from flash_rc.rollout import quant as reference
-from flash_rc.rollout.quant import (
+from flash_rc.algo import quant as reference
+from flash_rc.algo.quant import (
     FP8_BLOCK_MIN_AMAX,
     FP8_BLOCK_SIZE,
     FP8_CHANNEL_MIN_SCALE,
@@ -257,7 +258,7 @@ def quantize_int8_per_channel(
     backend: Literal["auto", "triton", "torch"] = "auto",
     nonfinite_count: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as `flash_rc.rollout.quant.quantize_int8_per_channel`: (codes int8 [out, in], scale float32
+    """Same contract as `flash_rc.algo.quant.quantize_int8_per_channel`: (codes int8 [out, in], scale float32
     [out, 1]), bit-identical. backend="auto" runs Triton on CUDA tensors and the torch reference elsewhere.
 
     nonfinite_count (int32 [1] on the weight's device): when given, the kernel adds the number of NaN/±inf inputs to
@@ -287,7 +288,7 @@ def quantize_fp8(
     backend: Literal["auto", "triton", "torch"] = "auto",
     nonfinite_count: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as `flash_rc.rollout.quant.quantize_fp8`: (codes float8_e4m3fn [out, in], float32 scale of
+    """Same contract as `flash_rc.algo.quant.quantize_fp8`: (codes float8_e4m3fn [out, in], float32 scale of
     `fp8_scale_shape`), bit-identical. Block sizes must be powers of two on the Triton path (vLLM uses 128×128).
     `backend` and `nonfinite_count` as in `quantize_int8_per_channel`."""
     if not use_triton(weight, backend, f"quantize_fp8: {name}"):

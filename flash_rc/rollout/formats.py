@@ -20,8 +20,8 @@ from typing import Any, Iterator, Literal
 
 import torch
 
+from flash_rc.algo import quant
 from flash_rc.kernels.quant import quantize_fp8, quantize_int8_per_channel  # Triton on CUDA, the reference elsewhere
-from flash_rc.rollout import quant
 
 Precision = Literal["bf16", "int8", "fp8"]
 FP8Granularity = Literal["channel", "tensor", "block"]

@@ -1,4 +1,4 @@
-"""The Triton quantizers against the torch reference, bit for bit (kernels/quant.py vs flash_rc/rollout/quant.py).
+"""The Triton quantizers against the torch reference, bit for bit (kernels/quant.py vs flash_rc/algo/quant.py).
 
 On this CPU machine the Triton path runs under TRITON_INTERPRET=1 (tests/kernels/conftest.py); with a GPU the same
 tests run the compiled kernels. The interpreter tiles rows at 1,024 elements, so 1,500-column weights take the

@@ -4,8 +4,8 @@ update-visibility metrics on hand-worked cases (flash_rc/rollout/formats.py)."""
 import pytest
 import torch
 
+from flash_rc.algo.quant import dequantize_int8, quantize_fp8, quantize_int8_per_channel
 from flash_rc.rollout.formats import UpdateVisibility, WeightFormat, compressed_tensors_config
-from flash_rc.rollout.quant import dequantize_int8, quantize_fp8, quantize_int8_per_channel
 
 
 def visibility(old, new, frozen):

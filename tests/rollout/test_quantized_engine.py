@@ -21,8 +21,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from flash_rc.algo import quant
 from flash_rc.models import build_tiny_qwen2
-from flash_rc.rollout import quant
 from flash_rc.rollout.checkpoint import CheckpointTensors, WeightUpdateError
 from flash_rc.rollout.engine import EngineConfig, SamplingConfig, UnsupportedPrecisionError, check_platform_support
 from flash_rc.rollout.sync import sync

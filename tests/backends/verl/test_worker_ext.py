@@ -35,6 +35,7 @@ from verl.workers.rollout.vllm_rollout.utils import (  # noqa: E402
     vLLMColocateWorkerExtension,
 )
 
+from flash_rc.algo import quant  # noqa: E402
 from flash_rc.backends.verl import worker_ext  # noqa: E402
 from flash_rc.backends.verl.worker_ext import (  # noqa: E402
     EXTENSION_CLS,
@@ -43,7 +44,6 @@ from flash_rc.backends.verl.worker_ext import (  # noqa: E402
     WeightSyncError,
     vllm_engine_kwargs,
 )
-from flash_rc.rollout import quant  # noqa: E402
 from flash_rc.rollout.formats import compressed_tensors_config  # noqa: E402
 
 pytestmark = pytest.mark.verl

