@@ -36,7 +36,6 @@ import torch
 import triton
 import triton.language as tl
 
-from flash_rc.kernels.dispatch import INTERPRET, use_triton
 from flash_rc.algo import quant as reference
 from flash_rc.algo.quant import (
     FP8_BLOCK_MIN_AMAX,
@@ -44,13 +43,14 @@ from flash_rc.algo.quant import (
     FP8_CHANNEL_MIN_SCALE,
     FP8_DTYPE,
     FP8_INV_MAX,
-    Fp8Granularity,
     check_block_size,
+    check_finite,
     check_scale,
     check_weight,
     fp8_scale_shape,
-    raise_if_nonfinite,
 )
+from flash_rc.kernels.dispatch import INTERPRET, use_triton
+from flash_rc.types import FP8Granularity
 
 # _quantize_rows_kernel MODE: how a scale is derived from an amax and how codes are computed from it.
 _INT8_CHANNEL, _FP8_CHANNEL, _FP8_TENSOR = 0, 1, 2
@@ -226,7 +226,7 @@ def _counter(weight: torch.Tensor, nonfinite_count: torch.Tensor | None) -> torc
 
 def _check_counter(weight: torch.Tensor, name: str, counter: torch.Tensor, caller_checks: bool) -> None:
     if not caller_checks and counter.item() > 0:
-        raise_if_nonfinite(weight, name)
+        check_finite(weight, name)
 
 
 def _launch_rows(weight, codes, scale, counter, mode: int, scale_from: int) -> None:
@@ -280,7 +280,7 @@ def quantize_int8_per_channel(
 
 def quantize_fp8(
     weight: torch.Tensor,
-    granularity: Fp8Granularity,
+    granularity: FP8Granularity,
     block_size: Sequence[int] = FP8_BLOCK_SIZE,
     scale: torch.Tensor | None = None,
     *,

@@ -46,13 +46,15 @@ engine — the update-visibility sums below (``count_changed_codes``, ``update_s
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import get_args
 
 import torch
 
-Fp8Granularity = Literal["tensor", "channel", "block"]
-FP8_GRANULARITIES: tuple[str, ...] = ("tensor", "channel", "block")
+from flash_rc.types import FP8Granularity
+
+FP8_GRANULARITIES: tuple[str, ...] = get_args(FP8Granularity)
 WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+"""Dtypes a learner may send (what the engine and the quantizers take)."""
 
 INT8_MAX = 127
 FP8_DTYPE = torch.float8_e4m3fn
@@ -72,7 +74,7 @@ _NORM_CHUNK = 1 << 24  # elements per chunk in update_sums (bounds its float32 t
 
 def check_weight(weight: torch.Tensor, name: str) -> None:
     """Shape and dtype of a weight to quantize: a non-empty 2-D [out, in] floating tensor. Raises ValueError naming
-    `name` otherwise. Finiteness is checked separately (`raise_if_nonfinite`) because it costs a pass over the data."""
+    `name` otherwise. Finiteness is checked separately (`check_finite`) because it costs a pass over the data."""
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(weight).__name__}")
     if weight.ndim != 2:
@@ -83,9 +85,9 @@ def check_weight(weight: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: weight of shape {tuple(weight.shape)} has no elements")
 
 
-def raise_if_nonfinite(weight: torch.Tensor, name: str) -> None:
-    """ValueError naming the tensor, how many values are NaN/±inf and where the first one is (a full check; the
-    quantizers first test the float32 sum, which is non-finite whenever an element is)."""
+def check_finite(weight: torch.Tensor, name: str) -> None:
+    """If any value is NaN/±inf, ValueError naming the tensor, how many such values there are and where the first one
+    is (a full check; the quantizers first test the float32 sum, which is non-finite whenever an element is)."""
     bad = ~torch.isfinite(weight)
     if bad.any():
         row, col = (int(i) for i in bad.nonzero()[0])
@@ -93,7 +95,7 @@ def raise_if_nonfinite(weight: torch.Tensor, name: str) -> None:
                          f"{weight[row, col].item()}); nothing was quantized")  # fmt: skip
 
 
-def fp8_scale_shape(weight_shape: Sequence[int], granularity: Fp8Granularity,
+def fp8_scale_shape(weight_shape: Sequence[int], granularity: FP8Granularity,
                     block_size: Sequence[int] = FP8_BLOCK_SIZE) -> tuple[int, ...]:  # fmt: skip
     """Shape of the float32 scale vLLM stores for an [out, in] FP8 weight."""
     out_features, in_features = weight_shape
@@ -133,7 +135,7 @@ def _float32_values(weight: torch.Tensor, name: str) -> torch.Tensor:
     check run and raise."""
     values = weight.to(torch.float32, copy=True)
     if not torch.isfinite(values.sum()):
-        raise_if_nonfinite(weight, name)
+        check_finite(weight, name)
     return values
 
 
@@ -191,7 +193,7 @@ def _unblock(blocked: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return blocked.reshape(blocked.shape[0] * blocked.shape[1], -1)[: shape[0], : shape[1]]
 
 
-def quantize_fp8(weight: torch.Tensor, granularity: Fp8Granularity, block_size: Sequence[int] = FP8_BLOCK_SIZE,
+def quantize_fp8(weight: torch.Tensor, granularity: FP8Granularity, block_size: Sequence[int] = FP8_BLOCK_SIZE,
                  scale: torch.Tensor | None = None, *, name: str = "weight") -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 E4M3: (codes float8_e4m3fn [out, in], scale float32 of `fp8_scale_shape`); see the module docstring.
 
@@ -221,7 +223,7 @@ def quantize_fp8(weight: torch.Tensor, granularity: Fp8Granularity, block_size: 
     return _fp8_cast(values.div_(scale)), scale
 
 
-def dequantize_fp8(codes: torch.Tensor, scale: torch.Tensor, granularity: Fp8Granularity,
+def dequantize_fp8(codes: torch.Tensor, scale: torch.Tensor, granularity: FP8Granularity,
                    block_size: Sequence[int] = FP8_BLOCK_SIZE, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """codes · scale (float32, the scale broadcast over its tensor / row / block), cast to `dtype`."""
     block_size = check_block_size(block_size)

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import torch
 
-
-class WeightUpdateError(ValueError):
-    """A weight update was rejected before any engine weight was touched."""
+from flash_rc.algo.quant import FP8_GRANULARITIES, WEIGHT_DTYPES
+from flash_rc.errors import WeightUpdateError
 
 
 def checkpoint_shapes(model_path: Path) -> dict[str, tuple[int, ...]]:
@@ -41,10 +40,6 @@ def validate_weights(
     problems += tensor_problems(weights, expected, names=[name for name in weights if name in expected])
     if problems:
         raise WeightUpdateError("weight update rejected, engine weights unchanged:\n  " + "\n  ".join(problems))
-
-
-WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-"""Dtypes a learner may send (what the engine and the quantizers take)."""
 
 
 def tensor_problems(weights: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]] | None = None,
@@ -214,7 +209,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("model", help="bf16 HF model directory or built-in model name")
     parser.add_argument("out", help="new output directory")
     parser.add_argument("--precision", required=True, choices=["int8", "fp8"])
-    parser.add_argument("--fp8-granularity", default="channel", choices=["channel", "tensor", "block"])
+    parser.add_argument("--fp8-granularity", default="channel", choices=FP8_GRANULARITIES)
     args = parser.parse_args(argv)
     print(export_quantized(resolve_model(args.model), Path(args.out), args.precision, args.fp8_granularity))
     return 0

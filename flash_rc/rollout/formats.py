@@ -16,17 +16,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
 
 import torch
 
-from flash_rc.algo import quant
+from flash_rc.algo.quant import FP8_BLOCK_SIZE, count_changed_codes, update_sums
 from flash_rc.kernels.quant import quantize_fp8, quantize_int8_per_channel  # Triton on CUDA, the reference elsewhere
-
-Precision = Literal["bf16", "int8", "fp8"]
-FP8Granularity = Literal["channel", "tensor", "block"]
-ScaleMode = Literal["frozen", "refresh"]
-FP8_BLOCK = (128, 128)
+from flash_rc.types import FP8Granularity, Precision, ScaleMode
 
 
 def compressed_tensors_config(precision: Precision, fp8_granularity: FP8Granularity) -> dict[str, Any]:
@@ -39,8 +35,8 @@ def compressed_tensors_config(precision: Precision, fp8_granularity: FP8Granular
         weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": fp8_granularity, "dynamic": False}
         activations = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token", "dynamic": True}
         if fp8_granularity == "block":  # DeepSeek-style: 128x128 weight blocks, 1x128 activation groups
-            weights["block_structure"] = list(FP8_BLOCK)
-            activations.update(strategy="group", group_size=FP8_BLOCK[1])
+            weights["block_structure"] = list(FP8_BLOCK_SIZE)
+            activations.update(strategy="group", group_size=FP8_BLOCK_SIZE[1])
         quant_format = "float-quantized"
     else:
         raise ValueError(f"precision {precision!r} has no quantization config")
@@ -88,9 +84,9 @@ class UpdateVisibility:
 
     def add(self, old_codes, new_codes, old_weight, new_weight, old_dequant, new_dequant) -> None:
         """Account one tensor's (or sampled rows') change between two syncs."""
-        self.changed_codes += quant.count_changed_codes(old_codes, new_codes)
+        self.changed_codes += count_changed_codes(old_codes, new_codes)
         self.sampled_codes += old_codes.numel()
-        update_sq, received_dot, error_sq = quant.update_sums(old_weight, new_weight, old_dequant, new_dequant)
+        update_sq, received_dot, error_sq = update_sums(old_weight, new_weight, old_dequant, new_dequant)
         self.update_sq += update_sq
         self.received_dot += received_dot
         self.error_sq += error_sq
@@ -141,7 +137,7 @@ class WeightFormat:
         if self.precision == "int8":
             codes, scale = quantize_int8_per_channel(tensor, scale=frozen, name=name, nonfinite_count=counter)
         else:
-            codes, scale = quantize_fp8(tensor, self.fp8_granularity, FP8_BLOCK, scale=frozen, name=name,
+            codes, scale = quantize_fp8(tensor, self.fp8_granularity, FP8_BLOCK_SIZE, scale=frozen, name=name,
                                         nonfinite_count=counter)
         if self.scales == "frozen" and name not in self._frozen:
             self._frozen[name] = scale
@@ -186,7 +182,7 @@ class WeightFormat:
         elif self.fp8_granularity == "tensor":
             row_scale = scale.reshape(1, 1)
         else:  # block: each row's scales over its column blocks
-            row_scale = scale[rows // FP8_BLOCK[0]].repeat_interleave(FP8_BLOCK[1], dim=1)[:, :width]
+            row_scale = scale[rows // FP8_BLOCK_SIZE[0]].repeat_interleave(FP8_BLOCK_SIZE[1], dim=1)[:, :width]
         return codes.float() * row_scale.float()
 
 
