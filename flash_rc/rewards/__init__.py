@@ -1,9 +1,9 @@
-"""Rewards: verl-compatible scorers, a data_source router with hard time limits, sandboxed code tests, RC per-turn
-scoring and pass@k. Start at ``router.compute_score`` (the verl ``custom_reward_function``)."""
+"""Rewards: verl-compatible scorers, a data_source router with hard time limits, sandboxed code tests and pass@k
+(RC per-turn scoring is ``flash_rc.rc.grading``). Start at ``router.compute_score`` (verl's
+``custom_reward_function``)."""
 
 from flash_rc.rewards.pass_at_k import mean_pass_at_k, pass_at_k
 from flash_rc.rewards.pool import RewardPool, RewardPoolError
-from flash_rc.rewards.rc import RcChain, score_rc_chain, score_rc_chains
 from flash_rc.rewards.router import (
     ScoreRequest,
     ScorerRoute,
@@ -17,7 +17,7 @@ from flash_rc.rewards.router import (
 from flash_rc.rewards.types import RewardResult
 
 __all__ = [
-    "RcChain", "RewardPool", "RewardPoolError", "RewardResult", "ScoreRequest", "ScorerRoute",
+    "RewardPool", "RewardPoolError", "RewardResult", "ScoreRequest", "ScorerRoute",
     "UnknownDataSourceError", "compute_score", "compute_score_async", "mean_pass_at_k", "pass_at_k",
-    "register_scorer", "resolve_route", "score_batch", "score_rc_chain", "score_rc_chains",
+    "register_scorer", "resolve_route", "score_batch",
 ]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from flash_rc.rewards.rc import RcChain, score_rc_chain, score_rc_chains
+from flash_rc.rc.grading import RcChain, score_rc_chain, score_rc_chains
 
 
 def test_each_turn_is_scored_on_its_own_answer():
