@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import random
 import time
 
@@ -33,14 +32,11 @@ class SimulatedEngine:
     def __init__(self, lengths: dict[tuple[str, str, int], int], slots: int, token_ms: float):
         self.lengths, self.token_s = lengths, token_ms / 1000
         self.slots = asyncio.Semaphore(slots)
-        self.turns: collections.Counter = collections.Counter()
 
-    async def agenerate(self, messages, sampling):
-        prompt = messages[-1]["content"]
-        problem = prompt.split("### PROBLEM\n", 1)[1].split("\n", 1)[0]
-        kind = "summary" if "### EXISTING SUMMARY" in prompt else "reasoning"
-        self.turns[(problem, kind)] += 1  # a chain's turns of one kind are sequential: the count is the turn number
-        length = self.lengths[(problem, kind, self.turns[(problem, kind)])]
+    async def agenerate(self, messages, sampling, request_id=None):
+        problem, _, turn_type, number, _ = request_id.rsplit("|", 4)
+        kind = "summary" if turn_type == "summarization" else "reasoning"
+        length = self.lengths[(problem, kind, int(number))]
         async with self.slots:
             await asyncio.sleep(length * self.token_s)
         return [Completion([0], [0] * length, kind, [0.0] * length, "stop", 0, 0)]

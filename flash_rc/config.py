@@ -15,30 +15,51 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from omegaconf import OmegaConf
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, Field, ValidationError, create_model
 
-from flash_rc.rollout.engine import EngineConfig, SamplingConfig
+from flash_rc.errors import ConfigError
+from flash_rc.rollout.engine_config import EngineConfig
+from flash_rc.schema import Section, fields_of
+from flash_rc.types import SamplingConfig
+
+__all__ = ["ConfigError", "ENGINE_RECIPE_KEYS", "Section", "engine_config", "load_recipe"]
+
+ENGINE_EXTRA_FIELDS = ("precision", "fp8_granularity", "scales", "quantizer", "fp32_lm_head", "kv_cache_dtype",
+                       "visibility_sample", "kv_cache_gib", "inflight_update")
+"""Engine settings verl has no key for: ``flash_rc.engine.<name>``, named as in ``EngineConfig``."""
+
+ENGINE_RECIPE_KEYS: dict[str, str] = {
+    "actor_rollout_ref.model.path": "model",
+    "actor_rollout_ref.rollout.dtype": "dtype",
+    "actor_rollout_ref.rollout.max_model_len": "max_model_len",
+    "actor_rollout_ref.rollout.gpu_memory_utilization": "gpu_memory_utilization",
+    "actor_rollout_ref.rollout.tensor_model_parallel_size": "tensor_parallel_size",
+    "actor_rollout_ref.rollout.enforce_eager": "enforce_eager",
+    "actor_rollout_ref.rollout.enable_prefix_caching": "enable_prefix_caching",
+    "actor_rollout_ref.rollout.max_num_seqs": "max_num_seqs",
+    "actor_rollout_ref.rollout.engine_kwargs.vllm": "engine_kwargs",
+    **{f"flash_rc.engine.{name}": name for name in ENGINE_EXTRA_FIELDS},
+}
+"""The one map from recipe keys to ``EngineConfig`` fields: the sections below copy each field (type, bounds,
+docstring) from ``EngineConfig`` by this table, and :func:`engine_config` reads the recipe through it."""
 
 
-class ConfigError(ValueError):
-    """A recipe that cannot be run as written."""
-
-
-class Section(BaseModel):
-    """Base of every recipe section: unknown keys are errors, field docstrings are the documentation."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+def _engine_fields(section_path: str, **defaults: Any) -> dict[str, tuple[Any, Any]]:
+    """The EngineConfig fields a recipe section holds directly, under their recipe names."""
+    names = {path.rpartition(".")[2]: field for path, field in ENGINE_RECIPE_KEYS.items()
+             if path.rpartition(".")[0] == section_path}
+    return fields_of(EngineConfig, names, **defaults)
 
 
 class SamplingKwargs(Section):
-    """verl's ``rollout.val_kwargs``: how evaluation / decoding samples."""
+    """verl's ``rollout.val_kwargs``: how evaluation / decoding samples (bounds as vLLM enforces them)."""
 
-    temperature: float = Field(1.0, ge=0)
+    temperature: float = Field(1.0, ge=0, le=2)
     """Sampling temperature (0: greedy)."""
     top_p: float = Field(1.0, gt=0, le=1)
     """Nucleus sampling mass."""
-    top_k: int = -1
-    """Top-k (-1: off)."""
+    top_k: int = Field(-1, ge=-1)
+    """Top-k (-1 or 0: off)."""
     n: int = Field(1, ge=1)
     """Samples (independent chains) per problem."""
     do_sample: bool = True
@@ -50,36 +71,23 @@ class SamplingKwargs(Section):
         )
 
 
-class RolloutSection(Section):
-    """verl's ``actor_rollout_ref.rollout`` keys the local engine honours."""
-
+class _RolloutKeys(Section):
     name: Literal["vllm"] = "vllm"
     """Rollout backend; flash_rc runs vLLM."""
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    """Engine compute dtype."""
-    max_model_len: int = Field(4096, ge=16)
-    """Context window per request (prompt + generation)."""
-    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
-    """GPU only: fraction of GPU memory for the engine."""
-    tensor_model_parallel_size: int = Field(1, ge=1)
-    """Tensor parallel degree of the engine."""
-    enforce_eager: bool | None = None
-    """Disable CUDA graphs / torch.compile (None: eager on CPU, compiled on GPU)."""
-    enable_prefix_caching: bool = True
-    """Reuse the KV cache of shared prompt prefixes."""
-    max_num_seqs: int = Field(256, ge=1)
-    """Continuous-batching width."""
     val_kwargs: SamplingKwargs = SamplingKwargs()
     """Sampling for evaluation / decoding."""
     engine_kwargs: dict[str, dict[str, Any]] = Field(default_factory=dict)
     """Per-engine extra arguments; ``engine_kwargs.vllm`` goes verbatim to ``vllm.LLM``."""
 
 
-class ModelSection(Section):
-    """verl's ``actor_rollout_ref.model``."""
-
-    path: str = "smollm2-135m-instruct"
-    """HF model directory, or a flash_rc built-in model name (see ``flash-rc models --list``)."""
+RolloutSection = create_model(
+    "RolloutSection", __base__=_RolloutKeys, __doc__="verl's ``actor_rollout_ref.rollout`` keys the local engine honours.",
+    **_engine_fields("actor_rollout_ref.rollout"),
+)
+ModelSection = create_model(
+    "ModelSection", __base__=Section, __doc__="verl's ``actor_rollout_ref.model``.",
+    **_engine_fields("actor_rollout_ref.model", path="smollm2-135m-instruct"),
+)
 
 
 class ActorRolloutRefSection(Section):
@@ -87,33 +95,25 @@ class ActorRolloutRefSection(Section):
     rollout: RolloutSection = RolloutSection()
 
 
-# ``flash_rc.engine``: the engine settings verl has no key for, with EngineConfig's own types, defaults and docs.
-ENGINE_EXTRA_FIELDS = ("precision", "fp8_granularity", "scales", "quantizer", "fp32_lm_head", "kv_cache_dtype",
-                       "visibility_sample", "kv_cache_gib", "inflight_update")
 EngineExtras = create_model(
-    "EngineExtras",
-    __base__=Section,
+    "EngineExtras", __base__=Section,
     __doc__="``flash_rc.engine``: engine settings verl has no key for (see ``EngineConfig``).",
-    **{name: (EngineConfig.model_fields[name].annotation, EngineConfig.model_fields[name])
-       for name in ENGINE_EXTRA_FIELDS},
+    **_engine_fields("flash_rc.engine"),
 )
 
 
-def engine_config(actor_rollout_ref: ActorRolloutRefSection, extras: EngineExtras) -> EngineConfig:
-    """The rollout engine a recipe describes."""
-    rollout = actor_rollout_ref.rollout
-    return EngineConfig(
-        model=actor_rollout_ref.model.path,
-        dtype=rollout.dtype,
-        max_model_len=rollout.max_model_len,
-        gpu_memory_utilization=rollout.gpu_memory_utilization,
-        tensor_parallel_size=rollout.tensor_model_parallel_size,
-        enforce_eager=rollout.enforce_eager,
-        enable_prefix_caching=rollout.enable_prefix_caching,
-        max_num_seqs=rollout.max_num_seqs,
-        engine_kwargs=dict(rollout.engine_kwargs.get("vllm", {})),
-        **extras.model_dump(),
-    )
+def engine_config(recipe: BaseModel) -> EngineConfig:
+    """The rollout engine a recipe describes: every key of :data:`ENGINE_RECIPE_KEYS` the recipe has."""
+    values: dict[str, Any] = {}
+    for path, field in ENGINE_RECIPE_KEYS.items():
+        node: Any = recipe
+        for key in path.split("."):
+            node = node.get(key) if isinstance(node, dict) else getattr(node, key, None)
+            if node is None:
+                break
+        if node is not None:
+            values[field] = node
+    return EngineConfig(**values)
 
 
 SectionT = TypeVar("SectionT", bound=BaseModel)

@@ -40,7 +40,7 @@ def test_engine_extras_reuse_the_engine_config_fields():
                                               "flash_rc.engine.scales=frozen"])
     from flash_rc.config import engine_config
 
-    config = engine_config(recipe.actor_rollout_ref, recipe.flash_rc.engine)
+    config = engine_config(recipe)
     assert (config.precision, config.scales, config.model) == ("int8", "frozen", "smollm2-135m-instruct")
     with pytest.raises(ConfigError, match="flash_rc.engine.precision"):
         load_recipe(DecodeRecipe, None, ["data.val_files=p.jsonl", "flash_rc.engine.precision=int4"])

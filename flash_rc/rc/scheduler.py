@@ -18,28 +18,38 @@ import asyncio
 import dataclasses
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from flash_rc.rc import prompts as P
 from flash_rc.rc.state import ChainMode, ChainState, SummaryMode, Turn, TurnType
-from flash_rc.rollout.engine import Completion, Prompt, SamplingConfig
+from flash_rc.schema import Section
+from flash_rc.types import Completion, Prompt, SamplingConfig
 
 logger = logging.getLogger(__name__)
 
 
 class AsyncGenerator(Protocol):
-    """What the scheduler needs from an engine (``RolloutEngine`` or a simulated one)."""
+    """What the scheduler needs from an engine: ``RolloutEngine``, verl's server manager behind an adapter, or a
+    simulated one. ``request_id`` names the turn (:func:`turn_request_id`); a retry reuses it."""
 
-    async def agenerate(self, prompt: Prompt, sampling: SamplingConfig) -> list[Completion]: ...
+    async def agenerate(self, prompt: Prompt, sampling: SamplingConfig, request_id: str | None = None
+                        ) -> list[Completion]: ...
 
 
-class CycleConfig(BaseModel):
+Renderer = Callable[[Sequence[Mapping[str, str]]], Prompt]
+"""Turns a turn's chat messages into what the engine takes: the messages themselves for an engine that applies the
+chat template (``RolloutEngine``), or token ids (``flash_rc.chat.ChatRenderer``) for one that takes ids."""
+
+
+def _as_messages(messages: Sequence[Mapping[str, str]]) -> Prompt:
+    return messages
+
+
+class CycleConfig(Section):
     """How chains are decoded (the ``flash_rc.rc`` section of a recipe)."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     num_cycles: int = Field(2, ge=1)
     """Reasoning turns per chain (T). In ``rc`` mode each is followed by a summarization turn."""
@@ -99,7 +109,9 @@ class CycleScheduler:
     """Runs chains through their cycles on an async engine.
 
     ``sampling`` gives temperature / top-p / top-k for every turn; its ``max_tokens`` and ``seed`` are replaced per
-    turn (H_R or H_S, and a seed derived from the chain and turn).
+    turn (H_R or H_S, and a seed derived from the chain and turn). ``render`` turns each turn's messages into the
+    engine's prompt (a renderer that raises ``ValueError``, e.g. a prompt too long for the context, fails the chain
+    at once, without retries).
     """
 
     def __init__(
@@ -108,8 +120,10 @@ class CycleScheduler:
         config: CycleConfig,
         sampling: SamplingConfig | None = None,
         grader: Grader | None = None,
+        render: Renderer = _as_messages,
     ):
         self.engine = engine
+        self.render = render
         self.config = config
         self.sampling = sampling or SamplingConfig()
         if self.sampling.n != 1:
@@ -156,18 +170,20 @@ class CycleScheduler:
         messages = [{"role": "user", "content": prompt}]
         if self.config.system_prompt:
             messages.insert(0, {"role": "system", "content": self.config.system_prompt})
+        request_id = turn_request_id(chain, turn_type)
         sampling = dataclasses.replace(
             self.sampling,
             max_tokens=self.config.max_thinking_tokens if turn_type == "reasoning" else self.config.max_summary_tokens,
             seed=turn_seed(self.config.seed, chain, turn_type),
         )
-        (completion,) = await self._generate_with_retries(messages, sampling)
+        (completion,) = await self._generate_with_retries(self.render(messages), sampling, request_id)
         return chain.record_turn(turn_type, prompt, completion, self.config.summary_mode, self.config.use_think_tags)
 
-    async def _generate_with_retries(self, messages: list[dict], sampling: SamplingConfig) -> list[Completion]:
+    async def _generate_with_retries(self, prompt: Prompt, sampling: SamplingConfig, request_id: str
+                                     ) -> list[Completion]:
         for attempt in range(self.config.max_retries + 1):
             try:
-                return await self.engine.agenerate(messages, sampling)
+                return await self.engine.agenerate(prompt, sampling, request_id=request_id)
             except (ValueError, TypeError):  # bad input (e.g. prompt too long): retrying cannot help
                 raise
             except Exception as error:
@@ -179,8 +195,17 @@ class CycleScheduler:
         raise AssertionError("unreachable")
 
 
+def turn_request_id(chain: ChainState, turn_type: TurnType) -> str:
+    """The id of ``chain``'s next turn of ``turn_type``: ``problem_id|sample_id|turn_type|number|starting_step``.
+
+    Stable across retries and scheduling order; the fields after the problem id never contain ``|``, so
+    ``request_id.rsplit("|", 4)`` recovers all five even when the problem id does.
+    """
+    number = (chain.reasoning_turn_number if turn_type == "reasoning" else chain.summarization_turn_number) + 1
+    return f"{chain.problem_id}|{chain.sample_id}|{turn_type}|{number}|{chain.starting_step}"
+
+
 def turn_seed(base_seed: int, chain: ChainState, turn_type: TurnType) -> int:
     """A stable 31-bit seed per (run seed, problem, sample, turn) — independent of scheduling order."""
-    number = (chain.reasoning_turn_number if turn_type == "reasoning" else chain.summarization_turn_number) + 1
-    key = f"{base_seed}|{chain.problem_id}|{chain.sample_id}|{turn_type}|{number}|{chain.starting_step}"
+    key = f"{base_seed}|{turn_request_id(chain, turn_type)}"
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=4).digest(), "little") & 0x7FFFFFFF

@@ -20,142 +20,30 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
-import os
 import queue
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
+from flash_rc.chat import generation_room, prompt_token_ids
+from flash_rc.errors import PromptTooLongError, UnsupportedPrecisionError, WeightUpdateError
 from flash_rc.models import resolve_model
 from flash_rc.rollout import vllm_compat
 from flash_rc.rollout.checkpoint import (
     CheckpointTensors,
-    WeightUpdateError,
     checkpoint_shapes,
     stream_in_layer_order,
     validate_weights,
 )
-from flash_rc.rollout.formats import (
-    FP8Granularity,
-    Precision,
-    ScaleMode,
-    WeightFormat,
-    compressed_tensors_config,
-)
+from flash_rc.rollout.engine_config import VLLM_ARGS, EngineConfig
+from flash_rc.rollout.formats import WeightFormat, compressed_tensors_config
+from flash_rc.types import Completion, InflightUpdate, Prompt, SamplingConfig
 
-# vLLM must run in-process (no engine-core subprocess) so the engine thread can call into the model directly.
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-
-vllm_compat.quiet_benign_warnings()
-
-Prompt = str | Sequence[Mapping[str, str]] | Sequence[int]
-"""A raw text prompt, a list of chat messages (``[{"role": "user", "content": ...}]``), or prompt token ids."""
-
-
-class PromptTooLongError(ValueError):
-    """The prompt leaves no room in the context window for even one generated token."""
-
-
-class UnsupportedPrecisionError(ValueError):
-    """The requested rollout precision cannot run on this platform (raised before the engine starts)."""
-
-
-class EngineConfig(BaseModel):
-    """How to start the rollout engine."""
-
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
-
-    model: str = "tiny-qwen2"
-    """Built-in model name (see ``flash_rc.models``) or a local HF model directory."""
-    dtype: str = "bfloat16"
-    """Compute dtype of the engine (``bfloat16``, ``float16`` or ``float32``)."""
-    max_model_len: int = 4096
-    """Context window: prompt + generated tokens per request."""
-    seed: int = 0
-    """Engine seed (requests may carry their own seed for reproducible sampling)."""
-    kv_cache_gib: float = 2.0
-    """CPU only: KV cache size in GiB."""
-    gpu_memory_utilization: float = 0.5
-    """GPU only: fraction of GPU memory vLLM may use for weights + KV cache."""
-    max_num_seqs: int = 256
-    """Maximum number of sequences decoded together (continuous-batching width)."""
-    enable_prefix_caching: bool = True
-    """Reuse KV of shared prompt prefixes (e.g. K samples of one RC state). Cleared on every weight update."""
-    enforce_eager: bool | None = None
-    """Disable CUDA graphs / torch.compile. ``None``: eager on CPU (starts in ~2 s instead of ~20 s of
-    torch.compile), compiled on GPU."""
-    tensor_parallel_size: int = 1
-    """Tensor parallel degree (GPU)."""
-    inflight_update: Literal["recompute", "wait"] = "recompute"
-    """What a weight update does to requests still generating: ``recompute`` applies the update between two decode
-    steps and re-prefills running requests with the new weights (their earlier tokens keep the old logprobs, later
-    tokens are sampled from the new policy; each completion records both versions); ``wait`` lets running requests
-    finish on the old weights first, holding back new requests until the update is done."""
-    precision: Precision = "bf16"
-    """Rollout weights: ``bf16`` (unquantized, at ``dtype``), ``int8`` (W8A8: per-channel int8 weights, dynamic
-    per-token int8 activations) or ``fp8`` (W8A8 E4M3, see ``fp8_granularity``). lm_head and embeddings stay at
-    ``dtype``."""
-    fp8_granularity: FP8Granularity = "channel"
-    """FP8 weight scales: per output ``channel`` (CPU and GPU), per ``tensor`` or per 128x128 ``block`` (GPU)."""
-    quantizer: Literal["flash_rc", "vllm"] = "flash_rc"
-    """Who quantizes the synced weights. ``flash_rc``: our quantizers (bit-identical to vLLM's conventions) into a
-    compressed-tensors W8A8 engine, with frozen or refreshed scales and update-visibility metrics. ``vllm`` (FP8
-    only): vLLM's own online FP8 quantization (``fp8`` / ``fp8_per_channel`` / ``fp8_per_block``) re-quantizes the
-    bf16 weights it receives; scales are always refreshed and no visibility metrics are reported."""
-    scales: ScaleMode = "refresh"
-    """``refresh``: quantization scales recomputed from every synced weight; ``frozen``: computed once at start
-    (Flash RL's INT8 semantics; small updates may round away, watch ``sync/update_lost_fraction``)."""
-    fp32_lm_head: bool = False
-    """Compute the lm_head (logits) in float32, closer to the learner's logprobs."""
-    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] = "auto"
-    """GPU only: store the KV cache in FP8 (halves KV traffic, the larger lever for long rollouts)."""
-    visibility_sample: float = Field(1 / 64, ge=0, le=1)
-    """Fraction of rows of each quantized weight tracked for the update-visibility metrics (0: off, 1: exact)."""
-    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
-    """Extra keyword arguments passed verbatim to ``vllm.LLM``."""
-
-
-@dataclass
-class SamplingConfig:
-    """Per-call sampling parameters."""
-
-    max_tokens: int = 512
-    """Generation budget of this call (H_R or H_S for RC turns); clamped to the room left in the context."""
-    n: int = 1
-    """Samples per prompt."""
-    temperature: float = 1.0
-    """0 is greedy."""
-    top_p: float = 1.0
-    top_k: int = -1
-    """-1 disables top-k."""
-    seed: int | None = None
-    """Per-request seed: same seed + same weights + same prompt gives the same tokens."""
-    stop: list[str] = field(default_factory=list)
-    """Stop strings (not included in the output)."""
-    ignore_eos: bool = False
-    """Keep generating past EOS until ``max_tokens`` (fixed-length decoding for benchmarks)."""
-
-
-@dataclass
-class Completion:
-    """One generated sample with everything RL needs."""
-
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    logprobs: list[float]
-    """Processed logprob of each sampled token: log π_rollout(token) under the distribution it was sampled from."""
-    finish_reason: str
-    """``stop`` (EOS or stop string), ``length`` (budget exhausted) or ``abort``."""
-    model_version_start: int
-    """Engine weight version when the request was admitted."""
-    model_version: int
-    """Engine weight version that generated the last token (differs from the start only under in-flight updates)."""
+__all__ = ["Completion", "EngineConfig", "Prompt", "PromptTooLongError", "RolloutEngine", "SamplingConfig",
+           "UnsupportedPrecisionError", "WeightUpdateError"]
 
 
 @dataclass
@@ -163,6 +51,7 @@ class _Request:
     prompt_token_ids: list[int]
     params: Any
     future: concurrent.futures.Future
+    caller_id: str | None = None
     model_version_start: int = -1
 
 
@@ -237,6 +126,7 @@ class RolloutEngine:
     # ------------------------------------------------------------------ start-up
 
     def _start_vllm(self, config: EngineConfig):
+        vllm_compat.configure_process()  # before vLLM's first import: its logging reads the environment then
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -249,17 +139,11 @@ class RolloutEngine:
         if config.fp32_lm_head:
             hf_overrides["head_dtype"] = "float32"
         kwargs = dict(
+            {name: getattr(config, name) for name in VLLM_ARGS},
             model=str(self.model_path),
-            dtype=config.dtype,
-            max_model_len=config.max_model_len,
-            seed=config.seed,
-            max_num_seqs=config.max_num_seqs,
-            enable_prefix_caching=config.enable_prefix_caching,
             enforce_eager=self.on_cpu if config.enforce_eager is None else config.enforce_eager,
-            tensor_parallel_size=config.tensor_parallel_size,
             logprobs_mode="processed_logprobs",
             max_logprobs=0,
-            kv_cache_dtype=config.kv_cache_dtype,
             hf_overrides=hf_overrides,
             load_format="dummy" if self.quantized_by_flash_rc else "auto",
         )
@@ -292,31 +176,13 @@ class RolloutEngine:
 
     def encode(self, prompt: Prompt) -> list[int]:
         """Token ids for a raw text prompt, a chat (template applied, generation prompt added) or ids as given."""
-        if isinstance(prompt, str):
-            ids = self.tokenizer(prompt).input_ids
-        elif len(prompt) > 0 and isinstance(prompt[0], Mapping):
-            ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, Mapping):  # transformers 5 returns a BatchEncoding
-                ids = ids["input_ids"]
-        else:
-            ids = [int(t) for t in prompt]
-        if not ids:
-            raise ValueError("empty prompt: a prompt must contain at least one token")
-        bad = [t for t in ids if not 0 <= t < len(self.tokenizer)]
-        if bad:
-            raise ValueError(f"prompt token ids out of vocabulary (size {len(self.tokenizer)}): {bad[:8]}")
-        return list(ids)
+        return prompt_token_ids(self.tokenizer, prompt)
 
     def _sampling_params(self, prompt_len: int, sampling: SamplingConfig):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        room = self.config.max_model_len - prompt_len
-        if room < 1:
-            raise PromptTooLongError(
-                f"prompt has {prompt_len} tokens but the context window (max_model_len) is "
-                f"{self.config.max_model_len}: no room to generate"
-            )
+        room = generation_room(prompt_len, self.config.max_model_len)
         return SamplingParams(
             n=sampling.n,
             max_tokens=min(sampling.max_tokens, room),
@@ -332,12 +198,17 @@ class RolloutEngine:
 
     # ------------------------------------------------------------------ generation
 
-    def submit(self, prompt: Prompt, sampling: SamplingConfig) -> concurrent.futures.Future:
-        """Enqueue one prompt; the future resolves to its ``sampling.n`` completions."""
+    def submit(self, prompt: Prompt, sampling: SamplingConfig, request_id: str | None = None
+               ) -> concurrent.futures.Future:
+        """Enqueue one prompt; the future resolves to its ``sampling.n`` completions.
+
+        ``request_id`` names the request in vLLM (and its logs) as ``<request_id>#<n>``; it need not be unique (a
+        retried RC turn reuses its id), the engine's counter ``n`` keeps vLLM's ids unique.
+        """
         ids = self.encode(prompt)
         params = self._sampling_params(len(ids), sampling)
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._put(_Request(ids, params, future))
+        self._put(_Request(ids, params, future, request_id))
         return future
 
     def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig) -> list[list[Completion]]:
@@ -345,9 +216,10 @@ class RolloutEngine:
         futures = [self.submit(p, sampling) for p in prompts]
         return [f.result() for f in futures]
 
-    async def agenerate(self, prompt: Prompt, sampling: SamplingConfig) -> list[Completion]:
+    async def agenerate(self, prompt: Prompt, sampling: SamplingConfig, request_id: str | None = None
+                        ) -> list[Completion]:
         """Async generation of one prompt; many concurrent calls are batched together by the engine thread."""
-        return await asyncio.wrap_future(self.submit(prompt, sampling))
+        return await asyncio.wrap_future(self.submit(prompt, sampling, request_id))
 
     # ------------------------------------------------------------------ weights
 
@@ -360,7 +232,7 @@ class RolloutEngine:
         self,
         weights: Mapping[str, torch.Tensor],
         strict: bool = True,
-        inflight: Literal["recompute", "wait"] | None = None,
+        inflight: InflightUpdate | None = None,
     ) -> int:
         """Push new weights (HF checkpoint names) into the running engine in place; returns the new version.
 
@@ -464,7 +336,8 @@ class RolloutEngine:
             except BaseException as error:
                 _resolve(command.future, error=error)
             return
-        request_id = str(next(self._request_ids))
+        number = next(self._request_ids)
+        request_id = str(number) if command.caller_id is None else f"{command.caller_id}#{number}"
         command.model_version_start = self._model_version
         try:
             self._engine.add_request(request_id, {"prompt_token_ids": command.prompt_token_ids}, command.params)

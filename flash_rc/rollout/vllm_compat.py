@@ -149,6 +149,20 @@ _BENIGN_WARNINGS = {
 }
 
 
+def configure_process() -> None:
+    """Process settings an in-process engine needs, applied when one starts (never at import: importing flash_rc
+    must not change the environment of a process that only scores or trains).
+
+    vLLM must run in-process (no engine-core subprocess) so the engine thread can call into the model directly; its
+    logs are kept to warnings unless the user set a level; the benign warnings below are dropped.
+    """
+    import os
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    quiet_benign_warnings()
+
+
 def quiet_benign_warnings() -> None:
     """Drop the warnings above (idempotent: a filter per logger), and deprecation noise vLLM's imports raise."""
     import logging

@@ -2,7 +2,8 @@
 
 import pytest
 
-from flash_rc.rc.grading import RcChain, score_rc_chain, score_rc_chains
+from flash_rc.rc.grading import CycleAccuracy, RcChain, score_rc_chain, score_rc_chains
+from flash_rc.rc.state import ChainState, Turn
 
 
 def test_each_turn_is_scored_on_its_own_answer():
@@ -32,3 +33,19 @@ def test_scorer_kwargs_apply_to_every_turn():
 def test_rejects_chains_without_turns(turns):
     with pytest.raises(ValueError, match="RC chain 1 must hold a non-empty sequence of turn texts"):
         score_rc_chains([RcChain(["#### 7"], "7", "openai/gsm8k"), RcChain(turns, "7", "openai/gsm8k")])
+
+
+def test_accuracy_per_cycle_counts_missing_turns_as_wrong():
+    def chain(*correct):
+        c = ChainState(problem_id="p", sample_id=0, problem="x")
+        for number, ok in enumerate(correct, 1):
+            c.turns.append(Turn("reasoning", number, 2 * (number - 1), "", [], "", "", [], [], "stop", 0, 0,
+                                correct=ok))
+        return c
+
+    # cycle 1: 2 of 4 right; cycle 2: 1 of 4 (the third chain failed after cycle 1, the fourth never started)
+    accuracy = CycleAccuracy(2)
+    for c in [chain(True, True), chain(True, False), chain(False), chain()]:
+        accuracy.add(c)
+    assert accuracy.per_cycle() == [0.5, 0.25]
+    assert CycleAccuracy(3).per_cycle() == [0.0, 0.0, 0.0]

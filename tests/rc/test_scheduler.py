@@ -20,9 +20,8 @@ class ScriptedEngine:
         self.calls: dict[str, int] = {}
         self.active = self.max_active = 0
 
-    async def agenerate(self, messages, sampling: SamplingConfig):
-        prompt = messages[-1]["content"]
-        problem = prompt.split("### PROBLEM\n", 1)[1].split("\n", 1)[0]
+    async def agenerate(self, messages, sampling: SamplingConfig, request_id=None):
+        problem, _, turn_type, _, _ = request_id.rsplit("|", 4)  # the turn's identity, not parsed from the prompt
         n = self.calls[problem] = self.calls.get(problem, 0) + 1
         self.active += 1
         self.max_active = max(self.max_active, self.active)
@@ -33,7 +32,7 @@ class ScriptedEngine:
                 raise error
         finally:
             self.active -= 1
-        kind = "summary" if "EXISTING SUMMARY" in prompt else "reasoning"
+        kind = "summary" if turn_type == "summarization" else "reasoning"
         return [Completion([1], [2, 3], f"{kind} {n} of {problem}", [-0.1, -0.2], "stop", 0, 0)]
 
 
