@@ -48,7 +48,8 @@ from flash_rc.algo.losses import (
 from flash_rc.algo.rollout_correction import SAFETY_BOUND, RolloutCorrectionConfig
 from flash_rc.kernels.dispatch import INTERPRET, use_triton
 
-# Metrics in the order _tis_finalize_kernel writes them. Same keys as tis_policy_loss.
+# Same keys as tis_policy_loss, in the order of the metrics tensor _tis_finalize_kernel fills (the kernel stores each
+# metric at the index of its key here: see _slot below).
 METRIC_KEYS: tuple[str, ...] = (
     "rollout_corr/kl",
     "rollout_corr/k3_kl",
@@ -78,6 +79,42 @@ METRIC_KEYS: tuple[str, ...] = (
     "actor/pg_clipfrac_low",
     "actor/pg_clipfrac_dual",
 )
+
+
+def _slot(key: str) -> tl.constexpr:
+    """Where _tis_finalize_kernel stores metric `key`: its index in METRIC_KEYS, as a compile-time constant (a Triton
+    kernel may read only constexpr globals). Deriving every index from the names means reordering METRIC_KEYS cannot
+    mislabel a metric, and a misspelled key fails at import."""
+    return tl.constexpr(METRIC_KEYS.index(key))
+
+
+_M_KL = _slot("rollout_corr/kl")
+_M_K3_KL = _slot("rollout_corr/k3_kl")
+_M_TRAINING_LOG_PPL = _slot("rollout_corr/training_log_ppl")
+_M_TRAINING_PPL = _slot("rollout_corr/training_ppl")
+_M_ROLLOUT_LOG_PPL = _slot("rollout_corr/rollout_log_ppl")
+_M_ROLLOUT_PPL = _slot("rollout_corr/rollout_ppl")
+_M_LOG_PPL_DIFF = _slot("rollout_corr/log_ppl_diff")
+_M_LOG_PPL_ABS_DIFF = _slot("rollout_corr/log_ppl_abs_diff")
+_M_LOG_PPL_DIFF_MAX = _slot("rollout_corr/log_ppl_diff_max")
+_M_LOG_PPL_DIFF_MIN = _slot("rollout_corr/log_ppl_diff_min")
+_M_PPL_RATIO = _slot("rollout_corr/ppl_ratio")
+_M_CHI2_TOKEN = _slot("rollout_corr/chi2_token")
+_M_CHI2_SEQ = _slot("rollout_corr/chi2_seq")
+_M_IS_MEAN = _slot("rollout_corr/rollout_is_mean")
+_M_IS_STD = _slot("rollout_corr/rollout_is_std")
+_M_IS_MIN = _slot("rollout_corr/rollout_is_min")
+_M_IS_MAX = _slot("rollout_corr/rollout_is_max")
+_M_IS_ESS = _slot("rollout_corr/rollout_is_eff_sample_size")
+_M_IS_FRACTION_HIGH = _slot("rollout_corr/rollout_is_ratio_fraction_high")
+_M_IS_FRACTION_LOW = _slot("rollout_corr/rollout_is_ratio_fraction_low")
+_M_IS_OOB = _slot("rollout_corr/rollout_is_oob_ratio")
+_M_NONFINITE = _slot("rollout_corr/nonfinite_token_fraction")
+_M_PPO_KL = _slot("actor/ppo_kl")
+_M_CLIPFRAC = _slot("actor/pg_clipfrac")
+_M_CLIPFRAC_HIGH = _slot("actor/pg_clipfrac_high")
+_M_CLIPFRAC_LOW = _slot("actor/pg_clipfrac_low")
+_M_CLIPFRAC_DUAL = _slot("actor/pg_clipfrac_dual")
 
 # Column layout of the per-row partial sums.
 _N_MASK = tl.constexpr(0)  # tokens with mask != 0
@@ -336,33 +373,33 @@ def _tis_finalize_kernel(
     ess = tl.where(w2_sum > 0, w_sum * w_sum / tl.maximum(n_valid * w2_sum, 1e-30), 0.0)
     clip_high = n_clip_high / tokens
     clip_low = n_clip_low / tokens
-    tl.store(metrics_ptr + 0, -delta_sum / tokens)
-    tl.store(metrics_ptr + 1, k3_sum / tokens)
-    tl.store(metrics_ptr + 2, train_lp / seqs)
-    tl.store(metrics_ptr + 3, train_ppl / seqs)
-    tl.store(metrics_ptr + 4, roll_lp / seqs)
-    tl.store(metrics_ptr + 5, roll_ppl / seqs)
-    tl.store(metrics_ptr + 6, diff_sum / seqs)
-    tl.store(metrics_ptr + 7, abs_diff_sum / seqs)
-    tl.store(metrics_ptr + 8, tl.where(has_row, diff_max, 0.0))
-    tl.store(metrics_ptr + 9, tl.where(has_row, diff_min, 0.0))
-    tl.store(metrics_ptr + 10, ppl_ratio / seqs)
-    tl.store(metrics_ptr + 11, tl.where(has_token, rho2_sum / tokens - 1.0, 0.0))
-    tl.store(metrics_ptr + 12, tl.where(has_row, chi2_seq / seqs - 1.0, 0.0))
-    tl.store(metrics_ptr + 13, w_mean)
-    tl.store(metrics_ptr + 14, tl.sqrt(tl.maximum(w2_sum / tokens - w_mean * w_mean, 0.0)))
-    tl.store(metrics_ptr + 15, tl.where(has_token, w_min, 0.0))
-    tl.store(metrics_ptr + 16, tl.where(has_token, w_max, 0.0))
-    tl.store(metrics_ptr + 17, ess)
-    tl.store(metrics_ptr + 18, n_high / tokens)
-    tl.store(metrics_ptr + 19, n_low / tokens)
-    tl.store(metrics_ptr + 20, n_oob / tokens)
-    tl.store(metrics_ptr + 21, (n_mask - n_valid) / tl.maximum(n_mask, 1.0))
-    tl.store(metrics_ptr + 22, ppo_kl_sum / tokens)
-    tl.store(metrics_ptr + 23, clip_high + clip_low)
-    tl.store(metrics_ptr + 24, clip_high)
-    tl.store(metrics_ptr + 25, clip_low)
-    tl.store(metrics_ptr + 26, n_dual / tokens)
+    tl.store(metrics_ptr + _M_KL, -delta_sum / tokens)
+    tl.store(metrics_ptr + _M_K3_KL, k3_sum / tokens)
+    tl.store(metrics_ptr + _M_TRAINING_LOG_PPL, train_lp / seqs)
+    tl.store(metrics_ptr + _M_TRAINING_PPL, train_ppl / seqs)
+    tl.store(metrics_ptr + _M_ROLLOUT_LOG_PPL, roll_lp / seqs)
+    tl.store(metrics_ptr + _M_ROLLOUT_PPL, roll_ppl / seqs)
+    tl.store(metrics_ptr + _M_LOG_PPL_DIFF, diff_sum / seqs)
+    tl.store(metrics_ptr + _M_LOG_PPL_ABS_DIFF, abs_diff_sum / seqs)
+    tl.store(metrics_ptr + _M_LOG_PPL_DIFF_MAX, tl.where(has_row, diff_max, 0.0))
+    tl.store(metrics_ptr + _M_LOG_PPL_DIFF_MIN, tl.where(has_row, diff_min, 0.0))
+    tl.store(metrics_ptr + _M_PPL_RATIO, ppl_ratio / seqs)
+    tl.store(metrics_ptr + _M_CHI2_TOKEN, tl.where(has_token, rho2_sum / tokens - 1.0, 0.0))
+    tl.store(metrics_ptr + _M_CHI2_SEQ, tl.where(has_row, chi2_seq / seqs - 1.0, 0.0))
+    tl.store(metrics_ptr + _M_IS_MEAN, w_mean)
+    tl.store(metrics_ptr + _M_IS_STD, tl.sqrt(tl.maximum(w2_sum / tokens - w_mean * w_mean, 0.0)))
+    tl.store(metrics_ptr + _M_IS_MIN, tl.where(has_token, w_min, 0.0))
+    tl.store(metrics_ptr + _M_IS_MAX, tl.where(has_token, w_max, 0.0))
+    tl.store(metrics_ptr + _M_IS_ESS, ess)
+    tl.store(metrics_ptr + _M_IS_FRACTION_HIGH, n_high / tokens)
+    tl.store(metrics_ptr + _M_IS_FRACTION_LOW, n_low / tokens)
+    tl.store(metrics_ptr + _M_IS_OOB, n_oob / tokens)
+    tl.store(metrics_ptr + _M_NONFINITE, (n_mask - n_valid) / tl.maximum(n_mask, 1.0))
+    tl.store(metrics_ptr + _M_PPO_KL, ppo_kl_sum / tokens)
+    tl.store(metrics_ptr + _M_CLIPFRAC, clip_high + clip_low)
+    tl.store(metrics_ptr + _M_CLIPFRAC_HIGH, clip_high)
+    tl.store(metrics_ptr + _M_CLIPFRAC_LOW, clip_low)
+    tl.store(metrics_ptr + _M_CLIPFRAC_DUAL, n_dual / tokens)
 
 
 @triton.jit

@@ -4,6 +4,7 @@ On this CPU machine the Triton path runs under TRITON_INTERPRET=1 (tests/kernels
 tests run the compiled kernels. Grids stay small because the interpreter executes kernels in numpy.
 """
 
+import itertools
 import math
 
 import pytest
@@ -25,6 +26,7 @@ CORRECTIONS = {
 
 # Dual clip at c = 1.5 so random ratios hit every branch: unclipped, clipped high/low and dual-clipped.
 CLIP = dict(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=1.5)
+METRIC_TOLERANCE = dict(rtol=1e-4, atol=1e-5)
 
 
 def random_batch(batch, length, device, dtype=torch.float32, seed=0):
@@ -63,7 +65,7 @@ def assert_matches_reference(inputs, loss_config, correction, batch_info=GlobalB
     torch.testing.assert_close(grad, ref_grad, **(grad_tol or dict(rtol=1e-4, atol=1e-6)))
     assert set(metrics) == set(ref_metrics) == set(METRIC_KEYS)
     for key in METRIC_KEYS:
-        torch.testing.assert_close(metrics[key], ref_metrics[key], rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(metrics[key], ref_metrics[key], **METRIC_TOLERANCE, msg=key)
 
 
 @pytest.mark.parametrize("mode", LOSS_AGG_MODES)
@@ -71,6 +73,21 @@ def assert_matches_reference(inputs, loss_config, correction, batch_info=GlobalB
 def test_matches_reference_fp32(device, correction, mode):
     inputs = random_batch(5, 70, device)
     assert_matches_reference(inputs, PolicyLossConfig(**CLIP, loss_agg_mode=mode), correction)
+
+
+def test_every_metric_is_stored_under_its_own_name(device):
+    # The finalize kernel stores each metric at its key's index in METRIC_KEYS. On this batch no two of the reference
+    # metrics lie within the comparison tolerance of each other (checked first), so a metric stored under another
+    # one's name cannot pass the by-name comparison. Token IcePop (out-of-bounds rows) and a NaN at a masked-in
+    # token make every fraction non-zero.
+    inputs = random_batch(6, 100, device)
+    inputs[1][0, 0] = float("nan")  # old_log_prob of row 0's first token, which is always masked in
+    loss_config, correction = PolicyLossConfig(**CLIP), CORRECTIONS["token-icepop"]
+    reference = fused_tis_loss(PolicyLossInputs(*inputs), loss_config, correction, backend="torch").metrics
+    assert set(reference) == set(METRIC_KEYS)
+    for (key, value), (other_key, other_value) in itertools.combinations(reference.items(), 2):
+        assert not torch.isclose(value, other_value, **METRIC_TOLERANCE), (key, other_key)
+    assert_matches_reference(inputs, loss_config, correction)
 
 
 def test_random_batches_exercise_every_clip_branch(device):
