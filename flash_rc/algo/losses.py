@@ -31,9 +31,11 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple, get_args
 
 import torch
+from pydantic import Field
 
 from flash_rc.algo.diagnostics import is_weight_metrics, mismatch_metrics, ppo_clip_metrics
 from flash_rc.algo.rollout_correction import SAFETY_BOUND, RolloutCorrectionConfig, rollout_is_weights
+from flash_rc.schema import FrozenSection
 
 LossAggMode = Literal[
     "token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"
@@ -42,59 +44,37 @@ LOSS_AGG_MODES: tuple[str, ...] = get_args(LossAggMode)
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-@dataclass(frozen=True)
-class PolicyLossConfig:
-    """PPO clip knobs, named as verl's `actor_rollout_ref.actor.*` keys."""
+class PolicyLossConfig(FrozenSection):
+    """PPO clip knobs, named as verl's `actor_rollout_ref.actor.*` keys (the learner's actor section extends it)."""
 
-    clip_ratio_low: float = 0.2
+    clip_ratio_low: float = Field(0.2, ge=0, lt=1)
     """ε_low: r is clipped from below at 1 − ε_low (only matters for A < 0). In [0, 1)."""
 
-    clip_ratio_high: float = 0.2
+    clip_ratio_high: float = Field(0.2, ge=0)
     """ε_high: r is clipped from above at 1 + ε_high (only matters for A > 0). DAPO clip-higher uses 0.28."""
 
-    clip_ratio_c: float = 3.0
+    clip_ratio_c: float = Field(3.0, gt=1)
     """c > 1: dual-clip cap; for A < 0 the token loss never exceeds −A·c. verl default 3, DAPO recipes use 10."""
 
     loss_agg_mode: LossAggMode = "token-mean"
     """How [B, T] token losses become one scalar (see the module docstring)."""
 
-    def __post_init__(self) -> None:
-        if not 0 <= self.clip_ratio_low < 1:
-            raise ValueError(f"PolicyLossConfig.clip_ratio_low must be in [0, 1), got {self.clip_ratio_low}")
-        if not self.clip_ratio_high >= 0:
-            raise ValueError(f"PolicyLossConfig.clip_ratio_high must be >= 0, got {self.clip_ratio_high}")
-        if not self.clip_ratio_c > 1:
-            raise ValueError(f"PolicyLossConfig.clip_ratio_c must be > 1 (dual clip), got {self.clip_ratio_c}")
-        if self.loss_agg_mode not in LOSS_AGG_MODES:
-            raise ValueError(
-                f"PolicyLossConfig.loss_agg_mode must be one of {LOSS_AGG_MODES}, got {self.loss_agg_mode!r}"
-            )
 
-
-@dataclass(frozen=True)
-class GlobalBatchInfo:
+class GlobalBatchInfo(FrozenSection):
     """Global counts for data-parallel loss scaling (verl's `config.global_batch_info`). Defaults: one rank, local
     counts."""
 
-    dp_size: int = 1
+    dp_size: int = Field(1, ge=1)
     """Number of data-parallel ranks whose gradients FSDP averages."""
 
-    batch_num_tokens: int | None = None
+    batch_num_tokens: int | None = Field(None, gt=0)
     """Valid tokens in the global mini-batch; the token-mean denominator. Required for token-mean when dp_size > 1."""
 
-    global_batch_size: int | None = None
+    global_batch_size: int | None = Field(None, gt=0)
     """Sequences in the global mini-batch; the seq-mean-* denominator. Required for seq-mean-* when dp_size > 1."""
 
-    loss_scale_factor: float | None = None
+    loss_scale_factor: float | None = Field(None, gt=0)
     """Divisor of seq-mean-token-sum-norm; None uses the padded response length T (verl's default)."""
-
-    def __post_init__(self) -> None:
-        if self.dp_size < 1:
-            raise ValueError(f"GlobalBatchInfo.dp_size must be >= 1, got {self.dp_size}")
-        for name in ("batch_num_tokens", "global_batch_size", "loss_scale_factor"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"GlobalBatchInfo.{name} must be > 0 when given, got {value}")
 
     def check(self, loss_agg_mode: str) -> None:
         """Raise if `loss_agg_mode` needs a global count that is missing under data parallelism."""

@@ -34,18 +34,18 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from pydantic import Field, ValidationError, model_validator
+
+from flash_rc.schema import FrozenSection, Section
 
 SAFETY_BOUND = 20.0
 """|exponent| cap for every exp() of a log-ratio (verl `rollout_corr_helper.SAFETY_BOUND`)."""
 
 ISLevel = Literal["token", "sequence", "geometric"]
 ISMode = Literal["truncate", "mask"]
-IS_LEVELS: tuple[str, ...] = ("token", "sequence", "geometric")
-IS_MODES: tuple[str, ...] = ("truncate", "mask")
 
 
-@dataclass(frozen=True)
-class RolloutCorrectionConfig:
+class RolloutCorrectionConfig(FrozenSection):
     """How rollout importance weights are formed. The default is Flash-RL / verl token TIS with C = 2."""
 
     level: ISLevel | None = "token"
@@ -57,25 +57,18 @@ class RolloutCorrectionConfig:
     """"truncate": w = min(ρ, threshold) (TIS). "mask": w = ρ inside [threshold_lower, threshold], else 0
     (IcePop / MIS)."""
 
-    threshold: float = 2.0
+    threshold: float = Field(2.0, gt=0)
     """C: the truncation cap in "truncate" mode, the upper bound hi in "mask" mode. Must be > 0."""
 
-    threshold_lower: float | None = None
+    threshold_lower: float | None = Field(None, gt=0)
     """lo: the lower bound in "mask" mode. In "truncate" mode it only sets the `rollout_is_ratio_fraction_low`
     diagnostic. None means 1 / threshold (verl's default)."""
 
-    def __post_init__(self) -> None:
-        if self.level is not None and self.level not in IS_LEVELS:
-            raise ValueError(f"RolloutCorrectionConfig.level must be one of {IS_LEVELS} or None, got {self.level!r}")
-        if self.mode not in IS_MODES:
-            raise ValueError(f"RolloutCorrectionConfig.mode must be one of {IS_MODES}, got {self.mode!r}")
-        if not self.threshold > 0:
-            raise ValueError(f"RolloutCorrectionConfig.threshold must be > 0, got {self.threshold}")
-        if self.threshold_lower is not None and not 0 < self.threshold_lower <= self.threshold:
-            raise ValueError(
-                f"RolloutCorrectionConfig.threshold_lower must be in (0, threshold={self.threshold}], "
-                f"got {self.threshold_lower}"
-            )
+    @model_validator(mode="after")
+    def _lower_below_upper(self) -> "RolloutCorrectionConfig":
+        if self.threshold_lower is not None and not self.threshold_lower <= self.threshold:
+            raise ValueError(f"threshold_lower must be in (0, threshold={self.threshold}], got {self.threshold_lower}")
+        return self
 
     @property
     def lower_bound(self) -> float:
@@ -92,6 +85,31 @@ class RolloutCorrectionConfig:
             lower, _, upper = rollout_is_threshold.partition("_")
             return cls(level=rollout_is, mode="mask", threshold=float(upper), threshold_lower=float(lower))
         return cls(level=rollout_is, mode="truncate", threshold=float(rollout_is_threshold))
+
+
+class RolloutCorrectionSection(Section):
+    """verl's ``algorithm.rollout_correction`` keys that choose the importance weights (see
+    :class:`RolloutCorrectionConfig` for what each resolves to)."""
+
+    rollout_is: ISLevel | None = None
+    """Importance-weight level: ``token`` (TIS), ``sequence``, ``geometric``, or null (weights off, diagnostics on)."""
+    rollout_is_threshold: float | str = 2.0
+    """A number is the TIS cap C; a ``"lo_hi"`` string such as ``"0.5_5.0"`` masks weights outside [lo, hi]
+    (IcePop / MIS)."""
+
+    @model_validator(mode="after")
+    def _resolves(self) -> "RolloutCorrectionSection":
+        try:
+            self.config()
+        except ValidationError as error:  # e.g. lo > hi, or a cap <= 0
+            reasons = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+            raise ValueError(f"rollout_is_threshold={self.rollout_is_threshold!r} resolves to {reasons}") from None
+        except ValueError as error:  # "lo_hi" parts that are not numbers
+            raise ValueError(f"rollout_is_threshold={self.rollout_is_threshold!r}: {error}") from None
+        return self
+
+    def config(self) -> RolloutCorrectionConfig:
+        return RolloutCorrectionConfig.from_verl(self.rollout_is, self.rollout_is_threshold)
 
 
 @dataclass(eq=False)

@@ -141,7 +141,7 @@ def test_tis_policy_loss_gradcheck(mode, level):
     advantages = torch.randn_like(old)
     mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [0] * 6], dtype=torch.bool)
     correction = RolloutCorrectionConfig(level=level, threshold=1.5)
-    config = PolicyLossConfig(0.2, 0.28, 3.0, mode)
+    config = PolicyLossConfig(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0, loss_agg_mode=mode)
 
     def loss(lp):
         return tis_policy_loss(PolicyLossInputs(lp, old, rollout, advantages, mask), config, correction).loss

@@ -68,7 +68,7 @@ def test_weights_are_detached_and_extreme_log_ratios_are_clamped():
 
 
 def test_from_verl_parses_threshold_specs():
-    assert RolloutCorrectionConfig.from_verl("token", 2.0) == RolloutCorrectionConfig("token", "truncate", 2.0)
+    assert RolloutCorrectionConfig.from_verl("token", 2.0) == RolloutCorrectionConfig(level="token", mode="truncate", threshold=2.0)
     icepop = RolloutCorrectionConfig.from_verl("token", "0.5_5.0")
     assert (icepop.mode, icepop.threshold, icepop.lower_bound) == ("mask", 5.0, 0.5)
     assert RolloutCorrectionConfig.from_verl(None, "2").level is None
@@ -77,8 +77,33 @@ def test_from_verl_parses_threshold_specs():
 def test_config_validation():
     with pytest.raises(ValueError, match="level"):
         RolloutCorrectionConfig(level="batch")
-    with pytest.raises(ValueError, match="threshold must be > 0"):
+    with pytest.raises(ValueError, match="threshold\n  Input should be greater than 0"):
         RolloutCorrectionConfig(threshold=0.0)
     with pytest.raises(ValueError, match="threshold_lower"):
         RolloutCorrectionConfig(threshold=2.0, threshold_lower=3.0)
     assert RolloutCorrectionConfig(threshold=4.0).lower_bound == 0.25
+
+
+def test_recipe_section_resolves_verl_keys_and_names_the_bad_key():
+    from flash_rc.algo.rollout_correction import RolloutCorrectionSection
+    from flash_rc.config import ConfigError, load_recipe
+    from flash_rc.schema import Section
+
+    class Algorithm(Section):
+        rollout_correction: RolloutCorrectionSection = RolloutCorrectionSection()
+
+    class Recipe(Section):
+        algorithm: Algorithm = Algorithm()
+
+    assert Recipe().algorithm.rollout_correction.config().level is None  # verl's default: weights off
+    recipe = load_recipe(Recipe, None, ["algorithm.rollout_correction.rollout_is=token",
+                                        "algorithm.rollout_correction.rollout_is_threshold=0.5_5.0"])
+    config = recipe.algorithm.rollout_correction.config()
+    assert (config.level, config.mode, config.threshold_lower, config.threshold) == ("token", "mask", 0.5, 5.0)
+    for threshold, reason in [("5.0_0.5", "threshold_lower must be in"), ("-1", "greater than 0"),
+                              ("a_b", "could not convert")]:
+        with pytest.raises(ConfigError, match=f"algorithm.rollout_correction: .*{reason}"):
+            load_recipe(Recipe, None, [f"algorithm.rollout_correction.rollout_is_threshold={threshold}"])
+    with pytest.raises(ConfigError, match="algorithm.rollout_correction.rollout_is: Input should be"):
+        load_recipe(Recipe, None, ["algorithm.rollout_correction.rollout_is=batch"])
+

@@ -106,7 +106,8 @@ def test_hand_worked_clip_branches(device):
     old = torch.full((1, 5), -1.0, device=device)
     log_prob = (old + torch.tensor([[1.5, 1.1, 0.5, 5.0, 1.0]], device=device).log()).requires_grad_()
     mask = torch.ones(1, 5, dtype=torch.bool, device=device)
-    out = fused_tis_loss(PolicyLossInputs(log_prob, old, old, advantages, mask), PolicyLossConfig(0.2, 0.28, 3.0),
+    clip = PolicyLossConfig(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0)
+    out = fused_tis_loss(PolicyLossInputs(log_prob, old, old, advantages, mask), clip,
                          RolloutCorrectionConfig(level=None), backend="triton")  # fmt: skip
     assert out.loss.item() == pytest.approx((-1.28 - 1.1 + 0.8 + 3.0 + 2.0) / 5)
     (grad,) = torch.autograd.grad(out.loss, log_prob)
@@ -263,7 +264,8 @@ def test_bad_inputs_raise_naming_the_tensor(device):
 def test_full_size_batch_on_gpu(correction):
     # The benchmark's shape (256 × 8192, ragged), compiled kernels vs the reference on the GPU.
     inputs = random_batch(256, 8192, "cuda", seed=23)
-    assert_matches_reference(inputs, PolicyLossConfig(0.2, 0.28, 10.0), CORRECTIONS[correction])
+    clip = PolicyLossConfig(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=10.0)
+    assert_matches_reference(inputs, clip, CORRECTIONS[correction])
 
 
 def test_reference_backend_is_default_on_cpu():
