@@ -43,8 +43,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 
-from flash_rc.rewards.router import ScoringJob
-from flash_rc.rewards.types import RewardResult, failed_result
+from flash_rc.rewards.types import RewardResult, ScoringJob, failed_result
 
 logger = logging.getLogger(__name__)
 

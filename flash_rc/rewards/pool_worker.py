@@ -23,8 +23,8 @@ from multiprocessing.connection import Connection
 
 from flash_rc.rewards.format import add_format_reward
 from flash_rc.rewards.pool import JobProgress
-from flash_rc.rewards.router import ScoringJob, load_scorer
-from flash_rc.rewards.types import RewardResult, as_text, failed_result, normalize_result
+from flash_rc.rewards.router import load_scorer
+from flash_rc.rewards.types import RewardResult, ScoringJob, as_text, failed_result, normalize_result
 
 PRELOADED_SCORERS = ("flash_rc.rewards.gsm8k:compute_score", "flash_rc.rewards.math_dapo:compute_score")
 FLUSH_INTERVAL_S = 0.002  # results of cheap jobs share one message per 2 ms

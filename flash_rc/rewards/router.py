@@ -31,55 +31,14 @@ import importlib.util
 import inspect
 import os
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from flash_rc.rewards.types import RewardResult
-
-
-class UnknownDataSourceError(ValueError):
-    """No scorer is registered for a ``data_source``."""
-
-
-@dataclass(frozen=True)
-class ScorerRoute:
-    """How one family of data sources is scored."""
-
-    scorer: str
-    """``package.module:function`` or ``/path/to/file.py:function``; called as
-    ``function(solution_str, ground_truth, extra_info=..., **kwargs)``, returning the reward contract or a float."""
-    timeout_s: float
-    """Hard wall-clock limit per call, enforced by killing the worker process."""
-    kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
-    """Default keyword arguments for the scorer (per-call kwargs override them)."""
-
-
-@dataclass(frozen=True)
-class ScoreRequest:
-    """One sample to score, as verl hands it to ``compute_score``."""
-
-    data_source: str
-    solution_str: str | bytes
-    ground_truth: Any
-    extra_info: dict | None = None
-    kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
-
-
-@dataclass(frozen=True)
-class ScoringJob:
-    """A request resolved to what a pool worker runs (plain data: it crosses a process boundary)."""
-
-    scorer: str
-    solution_str: str | bytes
-    ground_truth: Any
-    extra_info: dict | None
-    kwargs: dict[str, Any]
-    format_weight: float
-    timeout_s: float
-
+from flash_rc.errors import UnknownDataSourceError
+from flash_rc.rewards.pool import RewardPool
+from flash_rc.rewards.types import RewardResult, ScoreRequest, ScorerRoute, ScoringJob
 
 GSM8K = ScorerRoute("flash_rc.rewards.gsm8k:compute_score", timeout_s=2.0)
 MATH_DAPO = ScorerRoute("flash_rc.rewards.math_dapo:compute_score", timeout_s=2.0)
@@ -186,15 +145,13 @@ def make_job(request: ScoreRequest) -> ScoringJob:
                       format_weight, timeout_s)
 
 
-_default_pool = None
+_default_pool: RewardPool | None = None
 _default_pool_lock = threading.Lock()
 
 
-def default_pool():
+def default_pool() -> RewardPool:
     """The process-wide pool (``FLASH_RC_REWARD_WORKERS`` workers, default min(cpus, 8)), started on first use."""
     global _default_pool
-    from flash_rc.rewards.pool import RewardPool
-
     with _default_pool_lock:
         if _default_pool is None or _default_pool.closed:
             workers = int(os.environ.get("FLASH_RC_REWARD_WORKERS", min(os.cpu_count() or 1, 8)))
@@ -226,7 +183,7 @@ async def compute_score_async(data_source: str, solution_str: str | bytes, groun
     return await asyncio.wrap_future(_submit(data_source, solution_str, ground_truth, extra_info, kwargs))
 
 
-def score_batch(requests: Sequence[ScoreRequest], pool=None) -> list[RewardResult]:
+def score_batch(requests: Sequence[ScoreRequest], pool: RewardPool | None = None) -> list[RewardResult]:
     """Score many samples in parallel, results in input order. Bad requests raise before anything runs."""
     jobs = []
     for index, request in enumerate(requests):

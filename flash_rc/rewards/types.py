@@ -1,14 +1,21 @@
-"""The reward contract every scorer returns, and its normalisation.
+"""The reward contract every scorer returns, the requests the router and the pool pass around.
 
 Why a fixed four-key dict: verl's reward loop copies every key of a returned dict into ``reward_extra_info`` and
 collates them across the batch, so all samples of a batch -- whatever their data source -- must return the same
 keys. ``score`` is the reward; ``acc`` is what DAPO's dynamic sampling filters on (``filter_groups.metric=acc``);
 ``pred`` is the extracted answer for logging; ``reason`` says why, in a short stable word first (``correct``,
 ``wrong_answer``, ``no_answer``, ``timeout``, ...) so runs can be aggregated by it.
+
+Why the request types live here and not in ``router.py``: the router builds ``ScoringJob`` objects and the pool
+(``pool.py``, ``pool_worker.py``) ships them to workers; keeping the shared data in this leaf module (stdlib only)
+lets the router depend on the pool without the pool depending back on the router.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, TypedDict
 
 
@@ -51,3 +58,40 @@ def as_text(solution: str | bytes) -> str:
     if not isinstance(solution, str):
         raise TypeError(f"solution_str must be str or bytes, got {type(solution).__name__}")
     return solution
+
+
+@dataclass(frozen=True)
+class ScorerRoute:
+    """How one family of data sources is scored."""
+
+    scorer: str
+    """``package.module:function`` or ``/path/to/file.py:function``; called as
+    ``function(solution_str, ground_truth, extra_info=..., **kwargs)``, returning the reward contract or a float."""
+    timeout_s: float
+    """Hard wall-clock limit per call, enforced by killing the worker process."""
+    kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    """Default keyword arguments for the scorer (per-call kwargs override them)."""
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """One sample to score, as verl hands it to ``compute_score``."""
+
+    data_source: str
+    solution_str: str | bytes
+    ground_truth: Any
+    extra_info: dict | None = None
+    kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
+class ScoringJob:
+    """A request resolved to what a pool worker runs (plain data: it crosses a process boundary)."""
+
+    scorer: str
+    solution_str: str | bytes
+    ground_truth: Any
+    extra_info: dict | None
+    kwargs: dict[str, Any]
+    format_weight: float
+    timeout_s: float

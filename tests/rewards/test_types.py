@@ -1,7 +1,13 @@
-"""The reward contract and its normalisation of third-party scorer returns."""
+"""The reward contract, its normalisation of third-party scorer returns, and the leaf module that holds them."""
+
+import ast
+from pathlib import Path
 
 import pytest
 
+import flash_rc.rewards
+from flash_rc import errors
+from flash_rc.rewards import router, types
 from flash_rc.rewards.types import as_text, failed_result, normalize_result, reward_result
 
 
@@ -34,3 +40,17 @@ def test_as_text_decodes_invalid_utf8():
     assert as_text("already text") == "already text"
     with pytest.raises(TypeError, match="str or bytes"):
         as_text(7)
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    return ({node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+            | {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names})
+
+
+def test_the_pool_and_the_shared_types_do_not_import_the_router():
+    """router -> pool is the one dependency between them; the types they share live in the leaf types.py."""
+    rewards = Path(flash_rc.rewards.__file__).parent
+    assert not {module for module in imported_modules(rewards / "types.py") if module.startswith("flash_rc")}
+    assert "flash_rc.rewards.router" not in imported_modules(rewards / "pool.py")
+    assert router.ScoringJob is types.ScoringJob and router.UnknownDataSourceError is errors.UnknownDataSourceError
