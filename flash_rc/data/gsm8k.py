@@ -12,19 +12,18 @@ scorer compares against; matching verl keeps flash_rc runs comparable with users
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from flash_rc.data.rows import RowError, make_row, read_records, write_parquet_atomic
+from flash_rc.rewards.gsm8k import FINAL_ANSWER
 
 DATA_SOURCE = "openai/gsm8k"
 INSTRUCTION = 'Let\'s think step by step and output the final answer after "####".'
-_FINAL_ANSWER = re.compile(r"#### (-?[0-9.,]+)")
 
 
 def ground_truth_from_answer(answer: str, where: str) -> str:
     """The number after the first ``#### `` with commas removed (verl's rule); RowError if there is none."""
-    match = _FINAL_ANSWER.search(answer)
+    match = FINAL_ANSWER.search(answer)
     if match is None:
         raise RowError(f"{where}: field 'answer' has no '#### <number>' final answer")
     return match.group(1).replace(",", "")

@@ -22,7 +22,9 @@ from typing import Literal
 from flash_rc.rewards.types import RewardResult, reward_result
 
 SEARCH_TAIL_CHARS = 300
-_STRICT_ANSWER = re.compile(r"#### (-?[0-9.,]+)")
+FINAL_ANSWER = re.compile(r"#### (-?[0-9.,]+)")
+"""verl's ``#### <number>`` final answer: the scorer takes the last in a response, ``flash_rc.data.gsm8k`` the first in
+a dataset answer."""
 _NUMBER_TOKEN = re.compile(r"-?[0-9.,]+")
 
 Method = Literal["strict", "flexible"]
@@ -32,7 +34,7 @@ def extract_answer(solution_str: str, method: Method = "strict") -> str | None:
     """The answer verl would extract from ``solution_str``, or None."""
     tail = solution_str[-SEARCH_TAIL_CHARS:]
     if method == "strict":
-        answers = _STRICT_ANSWER.findall(tail)
+        answers = FINAL_ANSWER.findall(tail)
         return answers[-1].replace(",", "") if answers else None
     if method == "flexible":
         tokens = _NUMBER_TOKEN.findall(tail)
