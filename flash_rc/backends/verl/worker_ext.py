@@ -38,22 +38,23 @@ it subclasses) and flash_rc's quantization formats, nothing else of flash_rc (no
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, get_args
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
+from pydantic import ValidationError, create_model
 from verl.workers.rollout.vllm_rollout.bucketed_weight_transfer import BucketedWeightReceiver
 from verl.workers.rollout.vllm_rollout.utils import vLLMColocateWorkerExtension
 from verl.workers.rollout.vllm_rollout.weight_update_utils import apply_buffer_updates
 
 from flash_rc.rollout import vllm_compat
 from flash_rc.rollout.checkpoint import tensor_problems
-from flash_rc.rollout.formats import ScaleMode, WeightFormat, compressed_tensors_config
+from flash_rc.rollout.engine_config import EngineConfig
+from flash_rc.rollout.formats import WeightFormat, compressed_tensors_config
+from flash_rc.schema import FrozenSection, fields_of
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("FLASH_RC_LOGGING_LEVEL", "INFO"))
@@ -68,28 +69,29 @@ class WeightSyncError(ValueError):
     """A weight sync could not be applied as sent (bad tensor, unsupported engine); says which tensor and why."""
 
 
-@dataclass(frozen=True)
-class SyncSettings:
-    """How a worker requantizes synced weights (read from the environment of the vLLM worker process)."""
+SETTINGS_ENV = {"scales": SCALES_ENV, "visibility_sample": VISIBILITY_SAMPLE_ENV}
+"""Each worker setting (an ``EngineConfig`` field of the same name) and the environment variable that sets it."""
 
-    scales: ScaleMode = "refresh"
-    """``refresh``: scales recomputed from every synced weight; ``frozen``: computed at the first sync, then reused."""
-    visibility_sample: float = 1 / 64
-    """Fraction of rows of each quantized weight tracked for the update-visibility metrics (0: off, 1: exact)."""
 
+class _SyncSettingsFromEnv(FrozenSection):
     @classmethod
-    def from_env(cls, environ: dict[str, str] | os._Environ = os.environ) -> "SyncSettings":
-        scales = environ.get(SCALES_ENV, cls.scales)
-        if scales not in get_args(ScaleMode):
-            raise ValueError(f"{SCALES_ENV}={scales!r}: expected one of {get_args(ScaleMode)}")
-        raw_sample = environ.get(VISIBILITY_SAMPLE_ENV, str(cls.visibility_sample))
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> "SyncSettings":
+        """The settings the worker's environment sets (unset variables keep the defaults); a bad value raises
+        ``ValueError`` naming its variable."""
+        values = {name: environ[variable] for name, variable in SETTINGS_ENV.items() if variable in environ}
         try:
-            sample = float(raw_sample)
-        except ValueError:
-            sample = math.nan
-        if not 0 <= sample <= 1:
-            raise ValueError(f"{VISIBILITY_SAMPLE_ENV}={raw_sample!r}: expected a fraction in [0, 1]")
-        return cls(scales=scales, visibility_sample=sample)
+            return cls(**values)
+        except ValidationError as error:
+            bad = error.errors()[0]
+            variable = SETTINGS_ENV[bad["loc"][0]]
+            raise ValueError(f"{variable}={values[bad['loc'][0]]!r}: {bad['msg']}") from None
+
+
+SyncSettings = create_model(
+    "SyncSettings", __base__=_SyncSettingsFromEnv,
+    __doc__="How a worker requantizes synced weights (read from the environment of the vLLM worker process).",
+    **fields_of(EngineConfig, {name: name for name in SETTINGS_ENV}),
+)
 
 
 def vllm_engine_kwargs() -> dict[str, Any]:
