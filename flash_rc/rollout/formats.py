@@ -105,7 +105,11 @@ class UpdateVisibility:
 
 @dataclass
 class WeightFormat:
-    """Turns ``(name, bf16 tensor)`` into the tensors the engine loads, keeping frozen scales and visibility state."""
+    """Turns ``(name, bf16 tensor)`` into the tensors the engine loads, keeping frozen scales and visibility state.
+
+    ``precision``, ``fp8_granularity``, ``scales`` and ``visibility_sample`` mean what the ``EngineConfig`` fields
+    of the same names say (documented and bounded there only).
+    """
 
     precision: Precision = "bf16"
     fp8_granularity: FP8Granularity = "channel"
@@ -113,7 +117,6 @@ class WeightFormat:
     quantized_names: frozenset[str] = frozenset()
     """Checkpoint names of the weights the engine quantizes (read from the engine's modules)."""
     visibility_sample: float = 1 / 64
-    """Fraction of each quantized tensor's rows tracked for the visibility metric (0: off, 1: exact)."""
     dtype: torch.dtype = torch.bfloat16
     """The engine's dtype: unquantized tensors are cast to it on the way (a learner may hold float32 masters)."""
     _frozen: dict[str, torch.Tensor] = field(default_factory=dict)
