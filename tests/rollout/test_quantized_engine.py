@@ -1,7 +1,7 @@
 """Quantized rollout engines (INT8 W8A8, FP8 W8A8) on the real vLLM CPU engine: start-up, syncs, visibility.
 
 Reference: an HF forward pass of the same model whose quantized weights went through our reference quantizer and
-back (``flash_rc.rollout.quant``), with every quantized linear's input fake-quantized per token the way the engine's
+back (``flash_rc.algo.quant``), with every quantized linear's input fake-quantized per token the way the engine's
 W8A8 kernels quantize activations (INT8: round(x / (amax/127)); FP8: cast of x / (amax/448) to E4M3).
 
 Tolerance. FP8 matches to ~1e-5: the emulation is exact up to float32 accumulation order. INT8 matches on average
