@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from flash_rc.data.rows import RowError, make_row, read_records, reasoning360_filename, reasoning360_stem, \
-    write_parquet_atomic
+from flash_rc.data.rows import RowError, check_scorer, dataset_name, make_row, read_records, reasoning360_filename, \
+    reasoning360_stem, write_parquet_atomic
+from flash_rc.errors import ConfigError
 from flash_rc.rewards.boxed import last_boxed
-from flash_rc.rewards.router import UnknownDataSourceError, resolve_route
 
 PromptStyle = Literal["dapo", "boxed"]
 DAPO_TEMPLATE = ("Solve the following math problem step by step. The last line of your response should be of the form "
@@ -47,6 +47,13 @@ def _first_field(record: dict, names: Sequence[str]):
     return next((record[name] for name in names if record.get(name) not in (None, "")), None)
 
 
+def _answer_text(value) -> str | None:
+    """A final answer as text (numbers become strings); None when there is none (missing, blank, not a scalar)."""
+    if value is None or isinstance(value, (bool, dict, list)) or not str(value).strip():
+        return None
+    return str(value).strip()
+
+
 def _raw_question_and_answer(record: dict, where: str) -> tuple[str, str]:
     question = _first_field(record, QUESTION_FIELDS)
     if not isinstance(question, str) or not question.strip():
@@ -56,27 +63,41 @@ def _raw_question_and_answer(record: dict, where: str) -> tuple[str, str]:
         answer = last_boxed(record["solution"])
         if answer is None:
             raise RowError(f"{where}: field 'solution' has no \\boxed{{}} final answer")
-    if answer is None or isinstance(answer, (bool, dict, list)) or not str(answer).strip():
+    answer = _answer_text(answer)
+    if answer is None:
         raise RowError(f"{where}: needs an answer in one of {ANSWER_FIELDS} or a 'solution' with \\boxed{{}}")
-    return question, str(answer).strip()
+    return question, answer
+
+
+def _verl_question_and_answer(record: dict, where: str) -> tuple[str, str]:
+    reward_model = record["reward_model"]
+    if not isinstance(reward_model, dict) or "ground_truth" not in reward_model:
+        raise RowError(f"{where}: field 'reward_model' must hold 'ground_truth'")
+    ground_truth = _answer_text(reward_model["ground_truth"])
+    if ground_truth is None:
+        raise RowError(f"{where}: field 'reward_model.ground_truth' must be a non-empty string or number")
+    messages = record["prompt"] if isinstance(record["prompt"], list) else []
+    users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    if not users:
+        raise RowError(f"{where}: field 'prompt' must be a list of messages with a user turn")
+    question = users[-1].get("content")
+    if not isinstance(question, str) or not question.strip():
+        raise RowError(f"{where}: the last user turn of 'prompt' must have non-empty string content")
+    return question, ground_truth
 
 
 def math_row(record: dict, split: str, index: int, where: str, style: PromptStyle, data_source: str | None) -> dict:
     """One output row from one input record (either shape, see module docstring)."""
     if "prompt" in record and "reward_model" in record:  # already a verl row
-        if not isinstance(record["reward_model"], dict) or "ground_truth" not in record["reward_model"]:
-            raise RowError(f"{where}: field 'reward_model' must hold 'ground_truth'")
-        prompt = record["prompt"]
-        messages = prompt if isinstance(prompt, list) else []
-        users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
-        if not users:
-            raise RowError(f"{where}: field 'prompt' must be a list of messages with a user turn")
-        extra = dict(record.get("extra_info") or {})
+        question, ground_truth = _verl_question_and_answer(record, where)
+        extra = record.get("extra_info") or {}
+        if not isinstance(extra, dict):
+            raise RowError(f"{where}: field 'extra_info' must be an object")
+        extra = dict(extra)
         if "index" in extra:
             extra["source_index"] = str(extra.pop("index"))
-        ground_truth = str(record["reward_model"]["ground_truth"]).strip()
-        return make_row(data_source or record.get("data_source"), prompt, record.get("ability", "math"),
-                        ground_truth, split, index, ground_truth, users[-1]["content"], extra)
+        return make_row(data_source or record.get("data_source"), record["prompt"], record.get("ability", "math"),
+                        ground_truth, split, index, ground_truth, question, extra)
     question, answer = _raw_question_and_answer(record, where)
     return make_row(data_source or DEFAULT_DATA_SOURCE[style], build_prompt(question, style), "math", answer,
                     split, index, answer, question)
@@ -84,7 +105,9 @@ def math_row(record: dict, split: str, index: int, where: str, style: PromptStyl
 
 def convert_math(input_paths: Sequence[str | Path], split: str, style: PromptStyle = "dapo",
                  data_source: str | None = None, dedup: bool = False, limit: int | None = None) -> list[dict]:
-    """Rows from every input file in order; every data_source is checked to be routable to a scorer."""
+    """Rows from every input file in order, at most ``limit`` (>= 1); every data_source must route to a scorer."""
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit must be at least 1 (or left out for every row), got {limit}")
     rows, seen_questions = [], set()
     for path in input_paths:
         for where, record in read_records(path):
@@ -93,10 +116,7 @@ def convert_math(input_paths: Sequence[str | Path], split: str, style: PromptSty
             if dedup and question in seen_questions:
                 continue
             seen_questions.add(question)
-            try:
-                resolve_route(row["data_source"], row["extra_info"])
-            except UnknownDataSourceError as exc:
-                raise RowError(f"{where}: {exc}") from None
+            check_scorer(row, where)
             rows.append(row)
             if limit is not None and len(rows) >= limit:
                 return rows
@@ -111,7 +131,7 @@ def prepare_math(input_paths: Sequence[str | Path], output_dir: str | Path, spli
     The file is ``<name>.parquet`` (``name`` defaults to the first input's stem); with ``reasoning360`` it is
     ``math__<name>_<size>.parquet`` and, unless given, the data_source is ``math__<name>``.
     """
-    name = name or Path(input_paths[0]).stem
+    name = dataset_name(name or Path(input_paths[0]).stem)
     if reasoning360:
         data_source = data_source or reasoning360_stem("math", name)
     rows = convert_math(input_paths, split, style, data_source, dedup, limit)

@@ -10,15 +10,15 @@ a Ray worker an hour into a run. A row is::
      "reward_model": {"style": "rule", "ground_truth": str},
      "extra_info": {"split": str, "index": int, "answer": str, "question": str, ...}}
 
-Parquet files are written to a temporary name in the target directory and renamed into place, so a crash never
-leaves a half-written file that a later run would read. Reasoning360 names files ``<domain>__<name>_<size>.parquet``.
+Parquet files are written through :func:`flash_rc.outputs.atomic_write` (a temporary name in the target directory,
+renamed into place), so a crash never leaves a half-written file that a later run would read, and a full disk says so.
+An input that is missing raises ``InputNotFoundError`` (exit status 2); one that cannot be read or parsed, or a bad
+row, raises ``RowError`` (exit status 1). Reasoning360 names files ``<domain>__<name>_<size>.parquet``.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,12 +26,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from flash_rc.errors import ConfigError, InputNotFoundError, RowError, UnknownDataSourceError
+from flash_rc.outputs import atomic_write, describe_os_error
+from flash_rc.rewards.router import resolve_route
+
 ROLES = ("system", "user", "assistant")
 REASONING360_DOMAINS = ("math", "codegen", "logic", "simulation", "table", "stem", "ood")
-
-
-class RowError(ValueError):
-    """An input or output row is malformed; the message names the file and row."""
 
 
 def make_row(data_source: str, prompt: str | list[dict], ability: str, ground_truth: str, split: str, index: int,
@@ -80,37 +80,70 @@ def validate_row(row: Any, where: str) -> None:
              "field 'extra_info.index' must be an int")
 
 
+def _parquet_records(path: Path) -> Iterator[tuple[str, dict]]:
+    for index, record in enumerate(pq.read_table(path).to_pylist()):
+        yield f"{path} row {index}", record
+
+
+def _parse_json(raw: bytes, where: str):
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise RowError(f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        position = f"column {exc.colno}" if exc.lineno == 1 else f"line {exc.lineno}, column {exc.colno}"
+        raise RowError(f"{where}: invalid JSON ({exc.msg} at {position})") from None
+    except RecursionError:  # json's decoder recurses once per nesting level
+        raise RowError(f"{where}: JSON nested too deeply to read") from None
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            where = f"{path}:{number}"
+            if not raw.strip():
+                continue
+            record = _parse_json(raw, where)
+            _require(isinstance(record, dict), where, f"expected a JSON object, got {type(record).__name__}")
+            yield where, record
+
+
+def _json_records(path: Path) -> Iterator[tuple[str, dict]]:
+    records = _parse_json(path.read_bytes(), str(path))
+    _require(isinstance(records, list), str(path), "a .json input must hold a list of objects")
+    for index, record in enumerate(records):
+        _require(isinstance(record, dict), f"{path} item {index}", "expected a JSON object")
+        yield f"{path} item {index}", record
+
+
+_READERS = {".parquet": _parquet_records, ".jsonl": _jsonl_records, ".json": _json_records}
+
+
 def read_records(path: str | Path) -> Iterator[tuple[str, dict]]:
-    """Yield ``(where, record)`` from a .jsonl, .json (list) or .parquet file; ``where`` is "file:line N"/"row N"."""
+    """Yield ``(where, record)`` from a .jsonl, .json (list) or .parquet file; ``where`` is "file:line N"/"row N".
+
+    A missing file raises InputNotFoundError; one that cannot be read (a directory, no permission, a corrupt parquet
+    file) raises RowError naming it, so every reader fails the same way whatever library reads the format.
+    """
     path = Path(path)
-    if path.suffix == ".parquet":
-        for index, record in enumerate(pq.read_table(path).to_pylist()):
-            yield f"{path} row {index}", record
-    elif path.suffix == ".jsonl":
-        with open(path, "rb") as f:
-            for number, raw in enumerate(f, start=1):
-                where = f"{path}:{number}"
-                if not raw.strip():
-                    continue
-                try:
-                    record = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError as exc:
-                    raise RowError(f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-                except json.JSONDecodeError as exc:
-                    raise RowError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-                _require(isinstance(record, dict), where, f"expected a JSON object, got {type(record).__name__}")
-                yield where, record
-    elif path.suffix == ".json":
-        try:
-            records = json.loads(path.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise RowError(f"{path}: not a valid UTF-8 JSON document ({exc})") from None
-        _require(isinstance(records, list), str(path), "a .json input must hold a list of objects")
-        for index, record in enumerate(records):
-            _require(isinstance(record, dict), f"{path} item {index}", "expected a JSON object")
-            yield f"{path} item {index}", record
-    else:
+    if path.suffix not in _READERS:
         raise RowError(f"{path}: unsupported input type {path.suffix!r}; use .jsonl, .json or .parquet")
+    try:
+        yield from _READERS[path.suffix](path)
+    except FileNotFoundError:
+        raise InputNotFoundError(f"{path}: input file not found") from None
+    except OSError as exc:
+        raise RowError(f"{path}: cannot read ({describe_os_error(exc)})") from None
+    except pa.ArrowException as exc:  # not parquet, truncated, corrupt: pyarrow's message says which
+        raise RowError(f"{path}: not a readable parquet file ({' '.join(str(exc).split())})") from None
+
+
+def check_scorer(row: dict, where: str) -> None:
+    """Raise RowError naming ``where`` unless the reward router has a scorer for the row's data_source."""
+    try:
+        resolve_route(row["data_source"], row["extra_info"])
+    except UnknownDataSourceError as exc:
+        raise RowError(f"{where}: {exc}") from None
 
 
 def write_parquet_atomic(rows: Sequence[dict], path: str | Path) -> Path:
@@ -120,17 +153,9 @@ def write_parquet_atomic(rows: Sequence[dict], path: str | Path) -> Path:
         raise RowError(f"{path}: refusing to write an empty dataset")
     for index, row in enumerate(rows):
         validate_row(row, f"output row {index} for {path.name}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist(list(rows))
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, temporary)
-        os.chmod(temporary, 0o644)  # mkstemp creates 0600; datasets are shared read-only
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    with atomic_write(path) as f:
+        pq.write_table(table, f)
     return path
 
 
@@ -146,10 +171,17 @@ def size_suffix(num_rows: int) -> str:
 def reasoning360_stem(domain: str, name: str) -> str:
     """``<domain>__<name>``: the data_source and file-name stem Reasoning360 routes on."""
     if domain not in REASONING360_DOMAINS:
-        raise ValueError(f"Reasoning360 domain must be one of {REASONING360_DOMAINS}, got {domain!r}")
-    if not name or "__" in name or "/" in name or name != name.strip():
-        raise ValueError(f"dataset name must be non-empty without '__', '/' or surrounding spaces, got {name!r}")
-    return f"{domain}__{name}"
+        raise ConfigError(f"Reasoning360 domain must be one of {REASONING360_DOMAINS}, got {domain!r}")
+    if "__" in name or name != name.strip():
+        raise ConfigError(f"dataset name must be without '__' or surrounding spaces, got {name!r}")
+    return f"{domain}__{dataset_name(name)}"
+
+
+def dataset_name(name: str) -> str:
+    """``name`` if it is a plain file stem, so ``<output-dir>/<name>.parquet`` stays inside the output directory."""
+    if name in ("", ".", "..") or any(separator in name for separator in ("/", "\\", "\0")):
+        raise ConfigError(f"dataset name must be a plain file name (no '/', '\\' or '..'), got {name!r}")
+    return name
 
 
 def reasoning360_filename(domain: str, name: str, num_rows: int) -> str:

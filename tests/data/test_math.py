@@ -8,6 +8,7 @@ import pytest
 
 from flash_rc.data.math import BOXED_SUFFIX, DAPO_TEMPLATE, build_prompt, convert_math, prepare_math
 from flash_rc.data.rows import RowError, write_parquet_atomic
+from flash_rc.errors import ConfigError
 from flash_rc.rewards.math import compute_score as math_score
 from flash_rc.rewards.math_dapo import compute_score as dapo_score
 from flash_rc.rewards.router import resolve_route
@@ -85,6 +86,11 @@ def test_reasoning360_naming(tmp_path):
     ({"problem": "q", "answer": ["1"]}, "needs an answer"),
     ({"prompt": [], "reward_model": {"ground_truth": "1"}}, "must be a list of messages with a user turn"),
     ({"prompt": [{"role": "user", "content": "q"}], "reward_model": "1"}, "must hold 'ground_truth'"),
+    ({"prompt": [{"role": "user", "content": "q"}], "reward_model": {"ground_truth": None}}, "ground_truth' must be"),
+    ({"prompt": [{"role": "user", "content": ["q"]}], "reward_model": {"ground_truth": "1"}}, "string content"),
+    ({"prompt": [{"role": "user"}], "reward_model": {"ground_truth": "1"}}, "non-empty string content"),
+    ({"prompt": [{"role": "user", "content": "q"}], "reward_model": {"ground_truth": "1"}, "extra_info": 5},
+     "'extra_info' must be an object"),
 ])
 def test_bad_records_are_named(tmp_path, record, message):
     path = write_jsonl(tmp_path / "in.jsonl", [{"problem": "fine", "answer": "1"}, record])
@@ -105,3 +111,18 @@ def test_limit_and_multiple_inputs(tmp_path):
     assert [r["extra_info"]["question"] for r in rows] == ["a", "b0", "b1"]
     assert [r["extra_info"]["index"] for r in rows] == [0, 1, 2]
     write_parquet_atomic(rows, tmp_path / "ok.parquet")  # valid rows
+
+
+@pytest.mark.parametrize("limit", [0, -3])
+def test_a_limit_below_one_is_refused(tmp_path, limit):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"problem": "q", "answer": "1"}])
+    with pytest.raises(ConfigError, match=f"limit must be at least 1 .*got {limit}"):
+        convert_math([path], "train", limit=limit)
+
+
+@pytest.mark.parametrize("name", ["../x", "../../x", "a/b", "..", "a\\b"])
+def test_a_name_cannot_leave_the_output_dir(tmp_path, name):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"problem": "q", "answer": "1"}])
+    with pytest.raises(ConfigError, match="plain file name"):
+        prepare_math([path], tmp_path / "out" / "deeper", name=name)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["in.jsonl"]

@@ -6,9 +6,10 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
+from flash_rc import errors
 from flash_rc.data import rows as rows_module
-from flash_rc.data.rows import RowError, make_row, read_records, reasoning360_filename, reasoning360_stem, \
-    size_suffix, validate_row, write_parquet_atomic
+from flash_rc.data.rows import RowError, check_scorer, dataset_name, make_row, read_records, reasoning360_filename, \
+    reasoning360_stem, size_suffix, validate_row, write_parquet_atomic
 
 
 def good_row(**changes) -> dict:
@@ -73,6 +74,43 @@ def test_read_records_names_the_bad_line(tmp_path, content, message):
         list(read_records(path))
 
 
+@pytest.mark.parametrize("name, content, error, message", [
+    ("missing.jsonl", None, errors.InputNotFoundError, "missing.jsonl: input file not found"),
+    ("missing.parquet", None, errors.InputNotFoundError, "missing.parquet: input file not found"),
+    ("garbage.parquet", b"not parquet at all", RowError, "garbage.parquet: not a readable parquet file"),
+    ("deep.jsonl", b"[" * 100_000 + b"]" * 100_000, RowError, "deep.jsonl:1: JSON nested too deeply"),
+    ("bad.json", b'[\n{"a": 1},\n{oops}]', RowError, "bad.json: invalid JSON .* at line 3, column 2"),
+])
+def test_unreadable_inputs_raise_named_errors(tmp_path, name, content, error, message):
+    if content is not None:
+        (tmp_path / name).write_bytes(content)
+    with pytest.raises(error, match=message):
+        list(read_records(tmp_path / name))
+
+
+def test_a_directory_is_not_a_readable_input(tmp_path):
+    (tmp_path / "dir.jsonl").mkdir()
+    with pytest.raises(RowError, match="dir.jsonl: cannot read \\(it is a directory\\)"):
+        list(read_records(tmp_path / "dir.jsonl"))
+
+
+def test_row_error_is_the_shared_one():
+    assert RowError is errors.RowError and RowError.exit_code == 1
+
+
+def test_check_scorer_names_the_row():
+    check_scorer(good_row(), "in.jsonl:1")
+    with pytest.raises(RowError, match="in.jsonl:4: no scorer for data_source 'nowhere'"):
+        check_scorer(good_row(data_source="nowhere"), "in.jsonl:4")
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../x", "a/b", "a\\b", "a\0b"])
+def test_dataset_name_must_be_a_plain_file_name(name):
+    with pytest.raises(errors.ConfigError, match="plain file name"):
+        dataset_name(name)
+    assert dataset_name("dapo-17k..v2") == "dapo-17k..v2"
+
+
 def test_unsupported_input_type(tmp_path):
     with pytest.raises(RowError, match="unsupported input type '.csv'"):
         list(read_records(tmp_path / "x.csv"))
@@ -84,7 +122,7 @@ def test_parquet_write_is_atomic(tmp_path, monkeypatch):
     assert oct(os.stat(target).st_mode & 0o777) == "0o644"
 
     def crash(table, where):  # the disk fills up halfway through the next write
-        open(where, "wb").write(b"partial")
+        where.write(b"partial")
         raise OSError("No space left on device")
 
     monkeypatch.setattr(rows_module.pq, "write_table", crash)
