@@ -23,6 +23,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from flash_rc.errors import ModelNotFoundError
+from flash_rc.outputs import prepare_output_dir
+
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -51,10 +54,6 @@ The quick brown fox jumps over the lazy dog. What is 3 + 4? What is 12 * 7? 3 + 
 """
 
 
-class ModelNotFoundError(FileNotFoundError):
-    """A model name or path that cannot be resolved to a local HF model directory."""
-
-
 def cache_root() -> Path:
     """Where built models live: ``$FLASH_RC_CACHE`` or ``$XDG_CACHE_HOME/flash_rc`` (default ``~/.cache/flash_rc``)."""
     if os.environ.get("FLASH_RC_CACHE"):
@@ -64,8 +63,7 @@ def cache_root() -> Path:
 
 def _atomic_build(target: Path, build) -> Path:
     """Build a directory in a temp sibling and rename it into place, so a crash never leaves half a model."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=prepare_output_dir(target.parent)))
     try:
         build(tmp)
         try:
@@ -196,9 +194,9 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
 
 def main(argv: list[str]) -> int:
     """``flash-rc models [NAME ...]``: build built-in models into the cache (all when no name is given)."""
-    import argparse
+    from flash_rc.cli import ArgumentParser
 
-    parser = argparse.ArgumentParser(prog="flash-rc models", description="Build offline built-in models.")
+    parser = ArgumentParser(prog="flash-rc models", description="Build offline built-in models.")
     parser.add_argument("names", nargs="*", help=f"built-in models to build (default: all of {list(BUILTIN_MODELS)})")
     parser.add_argument("--list", action="store_true", help="list built-in models and whether they are built")
     args = parser.parse_args(argv)

@@ -42,7 +42,6 @@ _REASONS = {
     errno.EROFS: "read-only file system",
     errno.EISDIR: "it is a directory",
     errno.ENOTDIR: "a parent path is not a directory",
-    errno.ENOENT: "its directory does not exist (removed while writing?)",
     errno.ENAMETOOLONG: "file name too long",
     errno.EFBIG: "file too large for this file system",
     errno.EIO: "input/output error (failing disk or network file system)",

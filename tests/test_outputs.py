@@ -108,6 +108,18 @@ def test_full_disk_says_disk_full_and_leaves_nothing(tiny_disk):
     assert list(tiny_disk.iterdir()) == []
 
 
+def test_flash_rc_data_on_a_full_disk_is_one_line_exit_3(tiny_disk, tmp_path):
+    source = tmp_path / "big.jsonl"  # random text: ~400 KB of parquet that no compression fits into 64 KiB
+    source.write_text("".join(json.dumps({"problem": os.urandom(100).hex(), "answer": i}) + "\n" for i in range(2000)))
+    command = "import sys; from flash_rc.cli import main; sys.exit(main())"
+    result = subprocess.run([sys.executable, "-c", command, "data", "math", "--input", str(source),
+                             "--output-dir", str(tiny_disk)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == EXIT_OUTPUT
+    disk_full = f"cannot write {tiny_disk}/big.parquet: disk full (no space left on device)"
+    assert result.stderr == f"flash-rc data: error: {disk_full}\n"
+    assert list(tiny_disk.iterdir()) == []
+
+
 def test_full_disk_simulated_at_fsync(tmp_path, monkeypatch):
     """The same contract without a tmpfs: the disk fills up when the data is flushed to it."""
     def no_space(fd):

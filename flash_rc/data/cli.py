@@ -6,24 +6,28 @@
     flash-rc data validate ~/data/gsm8k/train.parquet
 
 Why a CLI of its own: data prep runs once per dataset on a login node, before any GPU is involved, and its failures
-(a malformed row, an unroutable data_source) should stop there with the offending file and row named. Exit status:
-0 on success, 1 on bad data, 2 on bad usage.
+(a malformed row, an unroutable data_source) should stop there with the offending file and row named. Errors are one
+line on stderr (``flash_rc.cli.run_command``) with the exit statuses of ``flash_rc.errors``: 0 on success; 1 when the
+input data is bad (a malformed row, an unroutable data_source, a file that cannot be read or parsed, a corrupt
+parquet file); 2 on bad usage (an unknown option, a missing input file, ``--limit`` below 1, a ``--name`` that is not
+a plain file name); 3 when an output cannot be written (a path that is a directory or below a regular file, no
+permission, disk full).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from flash_rc.cli import ArgumentParser, run_command
 from flash_rc.data.gsm8k import prepare_gsm8k
 from flash_rc.data.math import prepare_math
-from flash_rc.data.rows import RowError, read_records, validate_row
-from flash_rc.rewards.router import UnknownDataSourceError, resolve_route
+from flash_rc.data.rows import check_scorer, read_records, validate_row
+from flash_rc.errors import ConfigError
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flash-rc data", description="Prepare verl-schema RL parquet files.")
+def _parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="flash-rc data", description="Prepare verl-schema RL parquet files.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     gsm8k = commands.add_parser("gsm8k", help="GSM8K train/test JSONL -> train.parquet, test.parquet")
@@ -40,54 +44,53 @@ def _parser() -> argparse.ArgumentParser:
     math.add_argument("--style", choices=("dapo", "boxed"), default="dapo",
                       help="prompt for raw records: DAPO 'Answer:' line (math_dapo scorer) or \\boxed{} (math-verify)")
     math.add_argument("--data-source", help="override data_source (default: math_dapo / lighteval/MATH / math__<name>)")
-    math.add_argument("--name", help="output name (default: first input's file stem)")
+    math.add_argument("--name", help="output file name without .parquet (default: first input's file stem)")
     math.add_argument("--reasoning360", action="store_true",
                       help="Reasoning360 naming: math__<name>_<size>.parquet and data_source math__<name>")
     math.add_argument("--dedup", action="store_true", help="keep only the first row of each question")
-    math.add_argument("--limit", type=int, help="stop after this many rows")
+    math.add_argument("--limit", type=int, help="stop after this many rows (at least 1)")
 
     validate = commands.add_parser("validate", help="check parquet files against the row schema and the router")
     validate.add_argument("paths", type=Path, nargs="+")
     return parser
 
 
-def _validate(paths: list[Path]) -> None:
-    for path in paths:
+def _gsm8k(args) -> None:
+    train = args.train or (args.input_dir / "train.jsonl" if args.input_dir else None)
+    test = args.test or (args.input_dir / "test.jsonl" if args.input_dir else None)
+    if train is None or test is None:
+        raise ConfigError("give --input-dir, or both --train and --test")
+    for split, path in prepare_gsm8k(train, test, args.output_dir).items():
+        print(f"wrote {path} ({split})")
+
+
+def _math(args) -> None:
+    path = prepare_math(args.input, args.output_dir, args.split, args.style, args.data_source, args.name,
+                        args.reasoning360, args.dedup, args.limit)
+    print(f"wrote {path}")
+
+
+def _validate(args) -> None:
+    for path in args.paths:
         count = 0
         for where, row in read_records(path):
             validate_row(row, where)
-            try:
-                resolve_route(row["data_source"], row["extra_info"])
-            except UnknownDataSourceError as exc:
-                raise RowError(f"{where}: {exc}") from None
+            check_scorer(row, where)
             count += 1
         print(f"{path}: {count} rows OK")
 
 
-def main(argv: list[str] | None = None) -> int:
+COMMANDS = {"gsm8k": _gsm8k, "math": _math, "validate": _validate}
+
+
+def _run(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "gsm8k":
-            train = args.train or (args.input_dir / "train.jsonl" if args.input_dir else None)
-            test = args.test or (args.input_dir / "test.jsonl" if args.input_dir else None)
-            if train is None or test is None:
-                print("error: give --input-dir, or both --train and --test", file=sys.stderr)
-                return 2
-            for split, path in prepare_gsm8k(train, test, args.output_dir).items():
-                print(f"wrote {path} ({split})")
-        elif args.command == "math":
-            path = prepare_math(args.input, args.output_dir, args.split, args.style, args.data_source, args.name,
-                                args.reasoning360, args.dedup, args.limit)
-            print(f"wrote {path}")
-        else:
-            _validate(args.paths)
-    except (RowError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except ValueError as exc:  # bad names, styles
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    COMMANDS[args.command](args)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command("data", _run, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -57,3 +57,17 @@ def test_bad_reasoning360_name_is_usage_error(tmp_path, capsys):
     assert main(["math", "--input", str(source), "--output-dir", str(tmp_path), "--reasoning360",
                  "--name", "a__b"]) == 2
     assert "without '__'" in capsys.readouterr().err
+
+
+def test_exit_statuses_follow_the_documented_table(tmp_path, capsys):
+    """Called directly (not through flash-rc), `data`'s main reports like the CLI: 1 bad data, 2 usage, 3 output."""
+    (tmp_path / "corrupt.parquet").write_bytes(b"garbage")
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"problem": "p", "answer": "1"}) + "\n")
+    assert main(["validate", str(tmp_path / "corrupt.parquet")]) == 1
+    assert main(["math", "--input", str(source), "--output-dir", str(tmp_path / "out"), "--limit", "0"]) == 2
+    assert main(["math", "--input", str(source), "--output-dir", str(source / "out")]) == 3
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(": error: ")[0] for line in err] == ["flash-rc data"] * 3
+    assert "not a readable parquet file" in err[0] and "limit must be at least 1" in err[1]
+    assert f"{source} is a file, not a directory" in err[2]
