@@ -21,6 +21,8 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
+from flash_rc.errors import TemplateError
+
 REASONING_FIELDS = frozenset({"problem", "curr_summary"})
 SUMMARIZATION_FIELDS = frozenset({"problem", "existing_summary", "reasoning"})
 BASELINE_FIELDS = frozenset({"problem", "curr_reasoning"})
@@ -86,10 +88,6 @@ You are given a maths problem and a previous attempt to solve it, which may or m
 If no previous attempt is provided, solve the problem from scratch. Otherwise, check every step of the previous \
 attempt. If it is correct, confirm its answer; if not, solve the problem correctly. Reason step by step and give \
 your final answer in \\boxed{{}}."""
-
-
-class TemplateError(ValueError):
-    """A prompt template whose fields do not match what the cycle fills in."""
 
 
 def template_fields(text: str) -> set[str]:
