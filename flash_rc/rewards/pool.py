@@ -6,15 +6,20 @@ The only limit that always holds is killing the process. So:
 
 * each worker is a plain subprocess (``python -m flash_rc.rewards.pool_worker``) in its own session, talking over
   a socketpair -- no fork of the (threaded) caller, no ``__main__`` re-import;
+* each job is pickled when it is submitted, in the caller's thread, so one that cannot cross to a worker (a lock in
+  its ``extra_info``) scores ``bad_request`` alone instead of failing the dispatcher's send of a whole chunk; the
+  worker unpickles it when it starts it, so one that cannot be rebuilt there fails alone too;
 * a dispatcher thread hands each idle worker a chunk of jobs and gets results back in batches, so thousands of cheap
   GSM8K jobs cost a few round trips; which job is running, and since when, the worker writes into a small shared
   file (``JobProgress``) that the dispatcher reads when a deadline is due;
 * when the running job passes its deadline the dispatcher SIGKILLs the worker's process group, records ``timeout``
   for that job, puts every other unfinished job of the chunk back at the head of the queue and starts a replacement
-  worker; a worker that dies on its own gives ``worker_crashed`` the same way. A timeout therefore costs its limit
-  plus a kill (milliseconds) and other workers keep going meanwhile;
-* each worker gets its own sandbox scratch directory, deleted whenever the worker goes, so a killed code run leaves
-  no files behind.
+  worker; a worker that dies on its own gives ``worker_crashed`` the same way -- to the job it was running, and to
+  no job if it had not started one (killed from outside). A timeout therefore costs its limit plus a kill
+  (milliseconds) and other workers keep going meanwhile;
+* each worker gets its own sandbox scratch directory, deleted whenever the worker goes -- by the dispatcher when it
+  kills the worker, by the worker itself when its parent dies (SIGTERM runs no ``atexit``) -- so a killed code run
+  leaves no files behind.
 
 Use it through ``flash_rc.rewards.router`` (``compute_score``/``score_batch``); ``submit``/``submit_many`` return
 ``concurrent.futures.Future`` objects (``asyncio.wrap_future`` makes them awaitable). A caller may cancel a future
@@ -29,6 +34,7 @@ import logging
 import math
 import mmap
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -43,7 +49,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 
-from flash_rc.rewards.types import RewardResult, ScoringJob, failed_result
+from flash_rc.rewards.types import RewardResult, ScoringJob, error_result, failed_result
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +57,9 @@ STARTUP_TIMEOUT_S = 120.0  # a worker must report ready within this
 IMPORT_TIMEOUT_S = 120.0  # a chunk's scorers must import within this (math-verify pulls in sympy)
 MAX_CHUNK = 64  # jobs per round trip; smaller chunks spread a short batch over all workers
 MAX_STARTUP_FAILURES = 3  # consecutive workers dying before "ready" -> the pool is broken
+MAX_REQUEUES = 3
+"""How often a job may go back to the queue because its worker died before reporting it without being charged; one
+more and it scores ``worker_crashed`` (a job whose scorer import kills every worker must not loop forever)."""
 
 
 class RewardPoolError(RuntimeError):
@@ -65,6 +74,10 @@ class JobProgress:
     """
 
     LAYOUT = struct.Struct("<qq")
+
+    @staticmethod
+    def path_in(scratch_dir: str) -> str:
+        return os.path.join(scratch_dir, "progress")
 
     def __init__(self, path: str):
         with open(path, "r+b") as f:
@@ -94,10 +107,12 @@ class JobProgress:
 @dataclass
 class _Pending:
     job: ScoringJob
+    payload: bytes
+    """``job`` pickled at submission: what the worker receives."""
     future: Future
-    requeued: bool = False
-    """Was in a chunk whose worker died: sent alone from now on, so that several hung jobs from one chunk run on
-    different workers in parallel instead of one after another."""
+    requeues: int = 0
+    """Times it was in a chunk whose worker died before reporting it. Once requeued it is sent alone, so that several
+    hung jobs from one chunk run on different workers in parallel instead of one after another."""
 
 
 def _claim(future: Future) -> bool:
@@ -106,7 +121,8 @@ def _claim(future: Future) -> bool:
     Callers cancel futures that are still queued (``asyncio.wait_for`` giving up on ``compute_score_async`` does).
     ``set_running_or_notify_cancel`` moves a pending future to running atomically with ``cancel()``, after which
     ``cancel()`` fails, so resolving a claimed future can never raise ``InvalidStateError`` -- a ``done()`` check
-    would race with the caller. Only the dispatcher thread claims and resolves futures, each exactly once.
+    would race with the caller. Only the dispatcher thread claims and resolves futures, each exactly once (and
+    ``submit_many`` a job it cannot serialise, before its caller has the future).
     """
     return future.running() or future.set_running_or_notify_cancel()
 
@@ -114,6 +130,16 @@ def _claim(future: Future) -> bool:
 def _finish(future: Future, result: RewardResult) -> None:
     if _claim(future):
         future.set_result(result)
+
+
+def _pending(job: ScoringJob, future: Future) -> _Pending | None:
+    """``job`` serialised for a worker now, in the caller's thread; None, with ``future`` resolved as ``bad_request``,
+    if it cannot be (an unpicklable ``extra_info``, nesting deeper than pickle's recursion limit)."""
+    try:
+        return _Pending(job, pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL), future)
+    except Exception as exc:  # noqa: BLE001 - whatever pickle raises, only this job fails
+        _finish(future, error_result("bad_request", exc))
+        return None
 
 
 def _fail(pending: Iterable[_Pending], reason: str) -> None:
@@ -182,13 +208,18 @@ class RewardPool:
         return self.submit_many([job])[0]
 
     def submit_many(self, jobs: list[ScoringJob]) -> list[Future]:
-        pending = [_Pending(job, Future()) for job in jobs]
+        """Futures of the jobs' results, in order. A job that cannot be pickled resolves at once as ``bad_request``."""
+        for job in jobs:
+            if not isinstance(job, ScoringJob):
+                raise TypeError(f"the reward pool runs ScoringJob objects (see router.make_job), got {job!r:.80}")
+        futures = [Future() for _ in jobs]
+        pending = [p for p in map(_pending, jobs, futures) if p is not None]
         with self._lock:
             if self.closed or self._broken:
                 raise RewardPoolError(self._broken or "reward pool is closed")
             self._queue.extend(pending)
         self._wake()
-        return [p.future for p in pending]
+        return futures
 
     def close(self) -> None:
         with self._lock:
@@ -225,13 +256,12 @@ class RewardPool:
         parent_sock, child_sock = socket.socketpair()
         scratch_dir = tempfile.mkdtemp(prefix="flash_rc_reward_worker-")
         os.chmod(scratch_dir, 0o711)  # sandboxed code may run as a throwaway uid that must reach its files
-        progress_path = os.path.join(scratch_dir, "progress")
-        progress = JobProgress.create(progress_path)
+        progress = JobProgress.create(JobProgress.path_in(scratch_dir))
         env = {**os.environ, "FLASH_RC_SANDBOX_DIR": scratch_dir,
                "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
         try:
             process = subprocess.Popen(
-                [sys.executable, "-m", "flash_rc.rewards.pool_worker", str(child_sock.fileno()), progress_path],
+                [sys.executable, "-m", "flash_rc.rewards.pool_worker", str(child_sock.fileno()), scratch_dir],
                 pass_fds=(child_sock.fileno(),), env=env, start_new_session=True, stdin=subprocess.DEVNULL)
         finally:
             child_sock.close()
@@ -249,9 +279,16 @@ class RewardPool:
         shutil.rmtree(worker.scratch_dir, ignore_errors=True)
 
     def _replace(self, worker: _Worker, reason: str) -> None:
-        """The worker died or overran: its running job gets ``reason``, its other unfinished jobs are requeued."""
-        running = max(worker.running_position(), 1) - 1 if worker.ready else 0
+        """The worker died (``worker_crashed``) or overran (``timeout``): replace it and charge only the guilty job.
+
+        That is the job it was running, which its ``JobProgress`` names. A worker that overran before starting any
+        job charges its first one, whose clock was running (the transfer or the scorers' import took the limit); one
+        that died before starting any was killed from outside (or by an import), which is no job's fault. Every other
+        unfinished job of the chunk -- started and finished but not yet reported, or never started -- is requeued.
+        """
         unfinished = list(worker.chunk)
+        started = worker.running_position() if worker.ready else 0
+        charged = max(started, 1) if reason == "timeout" else started
         self._retire(worker)
         if not worker.ready:
             self._startup_failures += 1
@@ -263,12 +300,21 @@ class RewardPool:
             del self._workers[index]
         else:  # replaced before any caller hears of it, so nobody observes the dead worker
             self._workers[index] = self._spawn()
-        if unfinished:
-            _finish(unfinished.pop(running).future, failed_result(reason))
-            for pending in unfinished:
-                pending.requeued = True
-            with self._lock:
-                self._queue.extendleft(reversed(unfinished))
+        if unfinished and charged:
+            _finish(unfinished.pop(charged - 1).future, failed_result(reason))
+        self._requeue(unfinished)
+
+    def _requeue(self, unfinished: list[_Pending]) -> None:
+        """Back to the head of the queue, in order; a job requeued more than ``MAX_REQUEUES`` times is given up."""
+        again = []
+        for pending in unfinished:
+            pending.requeues += 1
+            if pending.requeues > MAX_REQUEUES:
+                _finish(pending.future, failed_result("worker_crashed"))
+            else:
+                again.append(pending)
+        with self._lock:
+            self._queue.extendleft(reversed(again))
 
     # ---- dispatcher thread ------------------------------------------------------------------------------------
     def _wake(self) -> None:
@@ -287,7 +333,7 @@ class RewardPool:
                 # queue (and with it every other hung job, one after another)
                 size = max(1, min(self.max_chunk, math.ceil(len(self._queue) / len(self._workers))))
                 chunk = [self._queue.popleft()]
-                while len(chunk) < size and self._queue and not (chunk[0].requeued or self._queue[0].requeued):
+                while len(chunk) < size and self._queue and not (chunk[0].requeues or self._queue[0].requeues):
                     chunk.append(self._queue.popleft())
                 chunk = [p for p in chunk if _claim(p.future)]  # drops futures their callers cancelled
                 if not chunk:
@@ -296,7 +342,7 @@ class RewardPool:
                 worker.waiting_since = time.monotonic()
                 worker.importing = False
                 try:
-                    worker.conn.send(("chunk", [p.job for p in chunk]))
+                    worker.conn.send(("chunk", [(p.job.scorer, p.payload) for p in chunk]))
                 except OSError:
                     pass  # the worker died; the loop sees its EOF
 

@@ -136,10 +136,8 @@ def make_job(request: ScoreRequest) -> ScoringJob:
     """Resolve and validate one request (in the caller's process, so errors surface where they were made)."""
     route = resolve_route(request.data_source, request.extra_info)
     kwargs = {**route.kwargs, **request.kwargs}
-    timeout_s = float(kwargs.pop("timeout_s", route.timeout_s))
+    timeout_s = kwargs.pop("timeout_s", route.timeout_s)  # checked by ScoringJob
     format_weight = float(kwargs.pop("format_weight", 0.0))
-    if timeout_s <= 0:
-        raise ValueError(f"timeout_s must be positive, got {timeout_s}")
     _check_kwargs(route.scorer, frozenset(kwargs))
     return ScoringJob(route.scorer, request.solution_str, request.ground_truth, request.extra_info, kwargs,
                       format_weight, timeout_s)

@@ -188,9 +188,24 @@ def _check_traversable(directory: str) -> None:
                 "unprivileged uid cannot reach its files; use a dir such as /tmp (FLASH_RC_SANDBOX_DIR) or chmod o+x")
 
 
+def _scratch_base(scratch_dir: str | None) -> str:
+    """The dir that holds run dirs, recreated (searchable by the throwaway uid) if it is gone.
+
+    Why recreate: a reward-pool worker keeps its scratch dir for a whole training run, and a tmp cleaner deleting it
+    must not turn every later code test of that worker into an error.
+    """
+    base = scratch_dir or os.environ.get("FLASH_RC_SANDBOX_DIR") or tempfile.gettempdir()
+    try:
+        os.mkdir(base)
+    except FileExistsError:
+        return base
+    os.chmod(base, 0o711)
+    return base
+
+
 def _run_once(argv: list[str], files: dict[str, str], stdin: str, limits: SandboxLimits, scratch_dir: str | None,
               extra_env: dict[str, str]) -> SandboxResult:
-    base = scratch_dir or os.environ.get("FLASH_RC_SANDBOX_DIR") or tempfile.gettempdir()
+    base = _scratch_base(scratch_dir)
     _check_traversable(base)
     run_dir = Path(tempfile.mkdtemp(prefix="flash_rc_sandbox-", dir=base))
     try:

@@ -1,10 +1,10 @@
-"""The reward contract every scorer returns, the requests the router and the pool pass around.
+"""The reward contract every scorer returns, the requests the router and the pool pass around, and their checks.
 
 Why a fixed four-key dict: verl's reward loop copies every key of a returned dict into ``reward_extra_info`` and
 collates them across the batch, so all samples of a batch -- whatever their data source -- must return the same
 keys. ``score`` is the reward; ``acc`` is what DAPO's dynamic sampling filters on (``filter_groups.metric=acc``);
 ``pred`` is the extracted answer for logging; ``reason`` says why, in a short stable word first (``correct``,
-``wrong_answer``, ``no_answer``, ``timeout``, ...) so runs can be aggregated by it.
+``wrong_answer``, ``no_answer``, ``timeout``, ``bad_request``, ...) so runs can be aggregated by it.
 
 Why the request types live here and not in ``router.py``: the router builds ``ScoringJob`` objects and the pool
 (``pool.py``, ``pool_worker.py``) ships them to workers; keeping the shared data in this leaf module (stdlib only)
@@ -13,10 +13,16 @@ lets the router depend on the pool without the pool depending back on the router
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, TypedDict
+
+MAX_ERROR_CHARS = 500  # an error's reason is cut here: results are logged per sample
+MAX_TIMEOUT_S = 86_400.0
+"""Longest wall-clock limit a call may ask for (a day): a longer one is surely a unit mistake, and inf or NaN would
+never be enforced."""
 
 
 class RewardResult(TypedDict):
@@ -35,6 +41,11 @@ def reward_result(score: float, acc: bool, pred: str | None, reason: str) -> Rew
 def failed_result(reason: str) -> RewardResult:
     """Score 0 for a call that produced no verdict (timeout, crash, scorer error)."""
     return reward_result(0.0, False, None, reason)
+
+
+def error_result(kind: str, exc: BaseException) -> RewardResult:
+    """``failed_result`` naming the exception, e.g. ``error: ValueError: ...`` or ``bad_request: TypeError: ...``."""
+    return failed_result(f"{kind}: {type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS])
 
 
 def normalize_result(value: Any) -> RewardResult:
@@ -60,6 +71,19 @@ def as_text(solution: str | bytes) -> str:
     return solution
 
 
+def checked_timeout(timeout_s: Any) -> float:
+    """``timeout_s`` as float seconds; ValueError unless it is a number in (0, MAX_TIMEOUT_S].
+
+    Why strict: the pool kills a job once ``start + timeout_s`` has passed; NaN never compares as passed (and made the
+    dispatcher spin on a zero wait), inf never passes, and a string or a bool is a config mistake.
+    """
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, numbers.Real) \
+            or not 0 < float(timeout_s) <= MAX_TIMEOUT_S:
+        raise ValueError(f"timeout_s must be positive and finite, a number of seconds up to {MAX_TIMEOUT_S:.0f}; "
+                         f"got {timeout_s!r}")
+    return float(timeout_s)
+
+
 @dataclass(frozen=True)
 class ScorerRoute:
     """How one family of data sources is scored."""
@@ -71,6 +95,9 @@ class ScorerRoute:
     """Hard wall-clock limit per call, enforced by killing the worker process."""
     kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     """Default keyword arguments for the scorer (per-call kwargs override them)."""
+
+    def __post_init__(self):
+        checked_timeout(self.timeout_s)
 
 
 @dataclass(frozen=True)
@@ -86,7 +113,10 @@ class ScoreRequest:
 
 @dataclass(frozen=True)
 class ScoringJob:
-    """A request resolved to what a pool worker runs (plain data: it crosses a process boundary)."""
+    """A request resolved to what a pool worker runs (plain data: it crosses a process boundary).
+
+    ``timeout_s`` is checked (and stored as float) here, so no job with a limit the pool cannot enforce exists.
+    """
 
     scorer: str
     solution_str: str | bytes
@@ -95,3 +125,6 @@ class ScoringJob:
     kwargs: dict[str, Any]
     format_weight: float
     timeout_s: float
+
+    def __post_init__(self):
+        object.__setattr__(self, "timeout_s", checked_timeout(self.timeout_s))

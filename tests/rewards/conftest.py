@@ -1,4 +1,5 @@
-"""Fixtures for reward tests: a private sandbox scratch dir and a check that no sandboxed process outlives a test."""
+"""Fixtures for reward tests: a private sandbox scratch dir, a check that no sandboxed process outlives a test, a
+reward pool and a scorer with scripted misbehaviour."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from flash_rc.rewards.pool import RewardPool
 
 
 def processes_mentioning(text: str) -> list[tuple[int, str]]:
@@ -34,6 +37,42 @@ def wait_until_gone(text: str, timeout_s: float = 3.0) -> list[tuple[int, str]]:
     while (left := processes_mentioning(text)) and time.monotonic() < deadline:
         time.sleep(0.05)
     return left
+
+
+def wait_until(condition, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{condition} still false after {timeout_s}s"
+        time.sleep(0.01)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, dead but not yet reaped, does not count)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:  # reaped between the two checks
+        return False
+
+
+@pytest.fixture(name="wait_until")
+def wait_until_fixture():
+    return wait_until
+
+
+@pytest.fixture(name="pid_alive")
+def pid_alive_fixture():
+    return pid_alive
+
+
+@pytest.fixture
+def pool():
+    with RewardPool(num_workers=2) as pool:
+        yield pool
 
 
 @pytest.fixture(name="processes_mentioning")
@@ -98,6 +137,9 @@ def compute_score(solution_str, ground_truth, extra_info=None, bonus=0.0):
         os._exit(3)
     if solution_str == "segfault":
         os.kill(os.getpid(), signal.SIGSEGV)
+    if solution_str == "ctypes-segfault":  # a real invalid read in C, not a signal sent from Python
+        import ctypes
+        ctypes.string_at(0)
     if solution_str == "raise":
         raise ValueError("bad ground truth")
     if solution_str == "float":

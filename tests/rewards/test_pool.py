@@ -23,28 +23,6 @@ def scores(pool: RewardPool, jobs: list[ScoringJob]) -> list[dict]:
     return [future.result(timeout=60) for future in pool.submit_many(jobs)]
 
 
-@pytest.fixture
-def pool():
-    with RewardPool(num_workers=2) as pool:
-        yield pool
-
-
-def wait_until(condition, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"{condition} still false after {timeout_s}s"
-        time.sleep(0.01)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split(") ")[1][0] != "Z"
-
-
 @pytest.mark.parametrize("response", ["busy", "regex", "sleep"])
 def test_a_hung_job_times_out_at_its_limit(pool, scripted_scorer, response):
     scores(pool, [job(scripted_scorer, "warm-up")])  # import the scorer file outside the measured call
@@ -121,7 +99,7 @@ def test_killed_code_run_leaves_nothing(pool, marker, become_sleeper, wait_until
     assert sum(os.path.exists(d) for d in scratch_dirs) == 1  # the killed worker's scratch dir is gone
 
 
-def test_close_kills_workers_and_removes_their_files(scripted_scorer):
+def test_close_kills_workers_and_removes_their_files(scripted_scorer, pid_alive):
     pool = RewardPool(num_workers=2)
     scores(pool, [job(scripted_scorer, "ok")])
     pids, dirs = pool.worker_pids(), [w.scratch_dir for w in pool._workers]
@@ -136,7 +114,7 @@ def test_close_kills_workers_and_removes_their_files(scripted_scorer):
         pool.submit(job(scripted_scorer, "ok"))
 
 
-def test_cancelled_async_callers_leave_the_pool_serving(monkeypatch, scripted_scorer):
+def test_cancelled_async_callers_leave_the_pool_serving(monkeypatch, scripted_scorer, wait_until):
     """verl's async reward loop may give up on calls (asyncio.wait_for): the calls around them still complete."""
     with RewardPool(num_workers=1) as pool:
         monkeypatch.setattr(router, "_default_pool", pool)  # compute_score_async submits here
@@ -157,7 +135,7 @@ def test_cancelled_async_callers_leave_the_pool_serving(monkeypatch, scripted_sc
         assert not pool._queue
 
 
-def test_cancelled_futures_do_not_stop_close_failing_the_rest(scripted_scorer):
+def test_cancelled_futures_do_not_stop_close_failing_the_rest(scripted_scorer, wait_until):
     """close() fails every queued future; one a caller cancelled must be skipped, not abort the others."""
     pool = RewardPool(num_workers=1)
     running = pool.submit(job(scripted_scorer, "sleep", timeout_s=30))
@@ -182,7 +160,7 @@ def test_workers_that_cannot_start_fail_loudly(monkeypatch):
         pool.close()
 
 
-def test_wait_ready(scripted_scorer):
+def test_wait_ready(scripted_scorer, pid_alive):
     with RewardPool(num_workers=2) as pool:
         pool.wait_ready()
         assert all(pid_alive(pid) for pid in pool.worker_pids())
