@@ -34,7 +34,7 @@ import shutil
 from dataclasses import dataclass, field
 
 from flash_rc.rewards.sandbox import SandboxLimits, SandboxResult, run_sandboxed, sandbox_python
-from flash_rc.rewards.types import RewardResult, reward_result
+from flash_rc.rewards.types import RewardResult, compares_ground_truth, reward_result
 
 MAX_PRED_CHARS = 2000  # the extracted code is logged as ``pred``; keep log rows small
 _ANSWER_BLOCK = re.compile(r"<answer>(.*?)(?:</answer>|\Z)", re.DOTALL)
@@ -223,6 +223,7 @@ def run_code_tests(code: str | None, tests: list[CodeTest], language: str = "pyt
     return CodeTestReport(code=code, outcomes=outcomes)
 
 
+@compares_ground_truth
 def compute_score(solution_str: str, ground_truth: str | list | dict, extra_info: dict | None = None,
                   language: str | None = None, max_tests: int | None = 5, test_timeout_s: float = 1.0,
                   memory_mb: int = 1024, base_weight: float = 1.0, perfect_bonus: float = 1.0,

@@ -10,8 +10,8 @@ the curves. So the quirks are kept on purpose:
 * the comparison is exact string equality with the ground truth: ``score`` if equal, ``format_score`` if an answer was
   found but differs, 0 if none was found.
 
-The one deliberate difference: a non-string ground truth (e.g. the int 72) is compared as ``str(72)``; verl's equality
-would never match it.
+The deliberate differences: a non-string ground truth (e.g. the int 72) is compared as ``str(72)``, where verl's
+equality would never match it; a missing one (None, NaN, blank) scores 0 as ``no_ground_truth`` (``types.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from flash_rc.rewards.types import RewardResult, reward_result
+from flash_rc.rewards.types import RewardResult, compares_ground_truth, reward_result
 
 SEARCH_TAIL_CHARS = 300
 FINAL_ANSWER = re.compile(r"#### (-?[0-9.,]+)")
@@ -44,6 +44,7 @@ def extract_answer(solution_str: str, method: Method = "strict") -> str | None:
     raise ValueError(f"gsm8k method must be 'strict' or 'flexible', got {method!r}")
 
 
+@compares_ground_truth
 def compute_score(solution_str: str, ground_truth: str, extra_info: dict | None = None, method: Method = "strict",
                   format_score: float = 0.0, score: float = 1.0) -> RewardResult:
     """Score one GSM8K response. ``extra_info`` is accepted for the router's calling convention and unused."""

@@ -27,7 +27,7 @@ from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, veri
 
 from flash_rc.rewards import gsm8k
 from flash_rc.rewards.boxed import last_boxed
-from flash_rc.rewards.types import RewardResult, reward_result
+from flash_rc.rewards.types import RewardResult, compares_ground_truth, reward_result
 
 MAX_ANSWER_CHARS = 1000
 VERIFY_TIMEOUT_S = 4
@@ -74,6 +74,7 @@ def is_equivalent(ground_truth: str, answer: str, verify_timeout_s: int = VERIFY
     return bool(pred) and verify(gold, pred, timeout_seconds=signal_timeout)
 
 
+@compares_ground_truth
 def compute_score(solution_str: str, ground_truth: str, extra_info: dict | None = None,
                   max_answer_chars: int = MAX_ANSWER_CHARS, verify_timeout_s: int = VERIFY_TIMEOUT_S,
                   gsm8k_fallback: bool = False) -> RewardResult:

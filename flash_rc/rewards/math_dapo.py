@@ -11,8 +11,9 @@ flash_rc reproduces it rather than "improving" it:
   ground truth;
 * reward is +1 when correct, -1 otherwise (including no answer at all).
 
-One deliberate difference: a response with no answer is never correct (verl counts it correct when the ground truth
-is literally its placeholder ``[INVALID]``).
+Deliberate differences: a response with no answer is never correct (verl counts it correct when the ground truth
+is literally its placeholder ``[INVALID]``), and a missing ground truth (None, NaN, blank) scores 0 as
+``no_ground_truth`` instead of being compared as text.
 
 ``strict_box_verify=True`` skips the ``Answer:`` line and uses only the boxed answer; ``pause_tokens_index`` (four
 character offsets) moves that 100-character window to end at the last pause token, as in verl.
@@ -23,7 +24,7 @@ from __future__ import annotations
 import re
 
 from flash_rc.rewards.boxed import last_boxed
-from flash_rc.rewards.types import RewardResult, reward_result
+from flash_rc.rewards.types import RewardResult, compares_ground_truth, reward_result
 
 RESPONSE_TAIL_CHARS = 300
 BOXED_TAIL_CHARS = 100
@@ -79,6 +80,7 @@ def _boxed_verdict(response_tail: str, ground_truth: str,
     return boxed == ground_truth, boxed
 
 
+@compares_ground_truth
 def compute_score(solution_str: str, ground_truth: str, extra_info: dict | None = None,
                   strict_box_verify: bool = False, pause_tokens_index: list[int] | None = None) -> RewardResult:
     """Score one response: +1 if its final answer matches ``ground_truth``, else -1."""

@@ -4,7 +4,8 @@ Why a fixed four-key dict: verl's reward loop copies every key of a returned dic
 collates them across the batch, so all samples of a batch -- whatever their data source -- must return the same
 keys. ``score`` is the reward; ``acc`` is what DAPO's dynamic sampling filters on (``filter_groups.metric=acc``);
 ``pred`` is the extracted answer for logging; ``reason`` says why, in a short stable word first (``correct``,
-``wrong_answer``, ``no_answer``, ``timeout``, ``bad_request``, ...) so runs can be aggregated by it.
+``wrong_answer``, ``no_answer``, ``no_ground_truth``, ``timeout``, ``bad_request``, ...) so runs can be aggregated
+by it.
 
 Why the request types live here and not in ``router.py``: the router builds ``ScoringJob`` objects and the pool
 (``pool.py``, ``pool_worker.py``) ships them to workers; keeping the shared data in this leaf module (stdlib only)
@@ -13,8 +14,10 @@ lets the router depend on the pool without the pool depending back on the router
 
 from __future__ import annotations
 
+import functools
+import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, TypedDict
@@ -69,6 +72,34 @@ def as_text(solution: str | bytes) -> str:
     if not isinstance(solution, str):
         raise TypeError(f"solution_str must be str or bytes, got {type(solution).__name__}")
     return solution
+
+
+def has_ground_truth(ground_truth: Any) -> bool:
+    """False for what a dataset holds where the answer is missing: None (a null), NaN (pandas' null in a float
+    column) or blank text."""
+    if ground_truth is None:
+        return False
+    if isinstance(ground_truth, float):
+        return not math.isnan(ground_truth)
+    if isinstance(ground_truth, (str, bytes)):
+        return bool(ground_truth.strip())
+    return True
+
+
+def compares_ground_truth(scorer: Callable[..., RewardResult]) -> Callable[..., RewardResult]:
+    """Decorate a scorer that compares a response with its ground truth: a missing one scores ``no_ground_truth``.
+
+    Why: the built-in scorers compare ``str(ground_truth)``, so a null was compared as the text "None" (and
+    ``\\boxed{None}`` scored as correct) and a blank one matched an empty answer. One gate on each public scorer
+    covers direct calls and the router's pool alike; custom scorers get what the row holds (they may need none).
+    """
+    @functools.wraps(scorer)
+    def gated(solution_str: str, ground_truth: Any, *args: Any, **kwargs: Any) -> RewardResult:
+        if not has_ground_truth(ground_truth):
+            return failed_result("no_ground_truth")
+        return scorer(solution_str, ground_truth, *args, **kwargs)
+
+    return gated
 
 
 def checked_timeout(timeout_s: Any) -> float:

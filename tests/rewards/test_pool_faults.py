@@ -122,6 +122,15 @@ def test_unenforceable_time_limits_are_refused_when_submitted(pool, scripted_sco
     assert_serving(pool)
 
 
+def test_missing_ground_truths_score_zero_on_every_route(pool):
+    routes = [("openai/gsm8k", "#### None"), ("math_dapo", "Answer: None"), ("math_dapo", "\\boxed{None}"),
+              ("lighteval/MATH", "\\boxed{None}"), ("codegen__toy", DOUBLING_PROGRAM)]
+    requests = [ScoreRequest(data_source, response, ground_truth)
+                for data_source, response in routes for ground_truth in (None, "", "  ", math.nan)]
+    assert score_batch(requests, pool=pool) == [
+        {"score": 0.0, "acc": False, "pred": None, "reason": "no_ground_truth"}] * len(requests)
+
+
 def dispatcher_cpu_s(pool) -> float:
     """CPU seconds the dispatcher thread has used (utime + stime of its /proc task)."""
     with open(f"/proc/self/task/{pool._thread.native_id}/stat") as f:

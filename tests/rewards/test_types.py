@@ -7,8 +7,8 @@ import pytest
 
 import flash_rc.rewards
 from flash_rc import errors
-from flash_rc.rewards import router, types
-from flash_rc.rewards.types import as_text, failed_result, normalize_result, reward_result
+from flash_rc.rewards import code_tests, gsm8k, math, math_dapo, router, types
+from flash_rc.rewards.types import as_text, failed_result, has_ground_truth, normalize_result, reward_result
 
 
 def test_reward_result_coerces_types():
@@ -54,3 +54,16 @@ def test_the_pool_and_the_shared_types_do_not_import_the_router():
     assert not {module for module in imported_modules(rewards / "types.py") if module.startswith("flash_rc")}
     assert "flash_rc.rewards.router" not in imported_modules(rewards / "pool.py")
     assert router.ScoringJob is types.ScoringJob and router.UnknownDataSourceError is errors.UnknownDataSourceError
+
+
+@pytest.mark.parametrize("scorer", [gsm8k.compute_score, math_dapo.compute_score, math.compute_score,
+                                    code_tests.compute_score], ids=["gsm8k", "math_dapo", "math", "code_tests"])
+@pytest.mark.parametrize("ground_truth", [None, float("nan"), "", " \n", b""])
+def test_a_missing_ground_truth_is_never_compared_as_text(scorer, ground_truth):
+    for response in ("#### None", "Answer: None", "\\boxed{None}", "Answer: nan", "\\boxed{}", "Answer: "):
+        assert scorer(response, ground_truth) == failed_result("no_ground_truth")
+
+
+def test_ground_truths_that_are_present():
+    assert all(map(has_ground_truth, ["0", 0, 0.0, "None", [], {"tests": []}]))
+    assert gsm8k.compute_score("#### 0", 0)["acc"]

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from flash_rc.rewards import gsm8k, math_dapo
+from flash_rc.rewards.types import failed_result
 
 pytestmark = pytest.mark.verl
 ALPHABET = [*"0123456789.,-$# \n=abcA:{}\\", "####", "#### ", "\\boxed{", "Answer:", "answer: ", "\\frac", "\\text{",
@@ -60,6 +61,9 @@ def test_math_dapo_matches_verl(gsm8k_dir):
         for strict_box_verify in (False, True):
             expected = reference.compute_score(text, ground_truth, strict_box_verify=strict_box_verify)
             ours = math_dapo.compute_score(text, ground_truth, strict_box_verify=strict_box_verify)
+            if not ground_truth.strip():  # deliberate difference: a blank ground truth is missing, not compared
+                assert ours == failed_result("no_ground_truth")
+                continue
             expected_pred = None if expected["pred"] == "[INVALID]" else expected["pred"]
             assert (ours["score"], ours["acc"], ours["pred"]) == (expected["score"], expected["acc"], expected_pred)
         assert math_dapo.normalize_final_answer(text[-40:]) == reference.normalize_final_answer(text[-40:])
