@@ -81,7 +81,8 @@ class _RolloutKeys(Section):
 
 
 RolloutSection = create_model(
-    "RolloutSection", __base__=_RolloutKeys, __doc__="verl's ``actor_rollout_ref.rollout`` keys the local engine honours.",
+    "RolloutSection", __base__=_RolloutKeys,
+    __doc__="verl's ``actor_rollout_ref.rollout`` keys the local engine honours.",
     **_engine_fields("actor_rollout_ref.rollout"),
 )
 ModelSection = create_model(

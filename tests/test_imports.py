@@ -37,8 +37,8 @@ import json, os, sys
 before = dict(os.environ)
 import importlib
 importlib.import_module(sys.argv[1])
-print(json.dumps({"heavy": sorted(m for m in ("vllm", "triton") if m in sys.modules),
-                  "env_changed": sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))}))
+changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))
+print(json.dumps({"heavy": sorted(m for m in ("vllm", "triton") if m in sys.modules), "env_changed": changed}))
 """
 
 

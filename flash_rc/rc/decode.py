@@ -143,9 +143,9 @@ def _open_output(path):
 
 
 def main(argv: list[str]) -> int:
-    import argparse
+    from flash_rc.cli import ArgumentParser
 
-    parser = argparse.ArgumentParser(prog="flash-rc decode", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="flash-rc decode", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="recipe YAML (verl key names + flash_rc section)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. flash_rc.rc.num_cycles=4")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -48,3 +48,45 @@ def test_cli_rejects_a_bad_key_before_starting(capsys):
         main(["data.val_files=x.jsonl", "flash_rc.rc.num_cycle=3"])
     with pytest.raises(ConfigError, match="data: Field required"):
         main([])
+
+
+@pytest.mark.parametrize("override, status, message", [
+    ("actor_rollout_ref.rollout.val_kwargs.top_k=-5", 2, "val_kwargs.top_k: Input should be greater than or equal"),
+    ("actor_rollout_ref.rollout.val_kwargs.temperature=3", 2, "val_kwargs.temperature: Input should be less than"),
+    ("flash_rc.engine.kv_cache_gib=-1", 2, "flash_rc.engine.kv_cache_gib: Input should be greater than 0"),
+    ("data.val_max_samples=0", 2, "no problems to decode"),
+    ("flash_rc.decode.offset=99", 2, "no problems to decode"),
+    ("flash_rc.decode.output={tmp}", 3, "is a directory"),
+    ("flash_rc.decode.output={tmp}/a_file/out.jsonl", 3, "is a file, not a directory"),
+])
+def test_bad_input_is_one_line_before_the_engine_starts(tmp_path, capsys, monkeypatch, override, status, message):
+    from flash_rc import cli
+    from flash_rc.rollout import engine as engine_module
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("the engine must not start for bad input")
+
+    monkeypatch.setattr(engine_module.RolloutEngine, "__init__", no_engine)
+    problems = tmp_path / "p.jsonl"
+    problems.write_text('{"question": "1 + 1?", "answer": "#### 2"}\n')
+    (tmp_path / "a_file").write_text("x")
+    assert cli.main(["decode", f"data.val_files={problems}", override.format(tmp=tmp_path)]) == status
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[0] + " ".join(err[1:]) and "Traceback" not in "\n".join(err)
+
+
+def test_a_run_where_every_chain_fails_exits_1_and_keeps_the_records(tiny_model, tmp_path, capsys, engine_slot):
+    from flash_rc import cli
+
+    engine_slot.close()  # decode starts its own engine
+    problems = tmp_path / "p.jsonl"
+    problems.write_text("\n".join(json.dumps({"question": "long " * 400, "answer": "#### 1"}) for _ in range(2)))
+    output = tmp_path / "out.jsonl"
+    status = cli.main(["decode", "--no-progress", f"data.val_files={problems}",
+                       f"actor_rollout_ref.model.path={tiny_model}", "actor_rollout_ref.rollout.max_model_len=128",
+                       "flash_rc.engine.kv_cache_gib=0.25", f"flash_rc.decode.output={output}"])
+    captured = capsys.readouterr()
+    assert status == 1 and "every chain failed (first: PromptTooLongError" in captured.err
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert len(records) == 2 and all(r["status"] == "failed" for r in records)
+
