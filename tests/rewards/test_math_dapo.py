@@ -1,7 +1,12 @@
 """DAPO scorer: verl's math_dapo semantics -- Minerva-normalised "Answer:" line, verbatim \\boxed fallback, +-1."""
 
+import random
+import re
+import time
+
 import pytest
 
+from flash_rc.rewards import math_dapo
 from flash_rc.rewards.math_dapo import compute_score, normalize_final_answer
 
 
@@ -78,3 +83,31 @@ def test_pause_tokens_move_the_box_window():
 def test_adversarial_inputs_return_a_verdict(text):
     result = compute_score(text, "34")
     assert result["score"] in (1.0, -1.0) and isinstance(result["reason"], str)
+
+
+VERL_LINE_REGEXES = [  # verl's Minerva rewrites whose "." stops at a newline; quadratic on long lines
+    (r".*?\$(.*?)\$.*", r"$\1$"), (r"\\text\{(.*?)\}", r"\1"), (r"\\textbf\{(.*?)\}", r"\1"),
+    (r"\\overline\{(.*?)\}", r"\1"), (r"\\boxed\{(.*)\}", r"\1"),
+]
+
+
+def test_line_rewrites_match_verls_regexes():
+    rng = random.Random(0)
+    pieces = ["$", "{", "}", "\n", "\\text{", "\\textbf{", "\\overline{", "\\boxed{", "\\text", "a", "1", " ", "\r"]
+    for _ in range(20_000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 24)))
+        expected = text
+        for pattern, replacement in VERL_LINE_REGEXES:
+            expected = re.sub(pattern, replacement, expected)
+        assert math_dapo._rewrite_lines(text) == expected, text
+
+
+@pytest.mark.parametrize("ground_truth", [
+    "x" * 30_000, "x" * 100_000,  # one long line without "$": each start position once scanned to the line's end
+    "$" + "x" * 100_000, "\\text{" * 16_000, "\\textbf{" * 12_000, "\\overline{" * 10_000, "\\boxed{" * 14_000,
+    ("12 \\text{apples}, " * 6_000) + "=$\\frac{1}{2}$ " * 1_000,
+], ids=["30k", "100k", "one $", "\\text{", "\\textbf{", "\\overline{", "\\boxed{", "mixed"])
+def test_a_long_ground_truth_line_is_normalised_in_linear_time(ground_truth):
+    start = time.perf_counter()
+    assert compute_score("Answer: 34", ground_truth)["reason"] == "wrong_answer"
+    assert time.perf_counter() - start < 0.5  # verl's regexes: 2.3 s at 30k characters, 25 s at 100k
