@@ -182,7 +182,11 @@ async def compute_score_async(data_source: str, solution_str: str | bytes, groun
 
 
 def score_batch(requests: Sequence[ScoreRequest], pool: RewardPool | None = None) -> list[RewardResult]:
-    """Score many samples in parallel, results in input order. Bad requests raise before anything runs."""
+    """Score many samples in parallel, results in input order.
+
+    A request that cannot be routed or has bad arguments raises before anything runs; one whose data cannot be sent to
+    a worker (an unpicklable ``extra_info``) scores ``bad_request`` alone.
+    """
     jobs = []
     for index, request in enumerate(requests):
         try:
