@@ -105,6 +105,8 @@ def main(argv: list[str]) -> None:
     threading.Thread(target=_exit_when_orphaned, args=(os.getppid(), scratch_dir), daemon=True).start()
     try:
         serve(conn, JobProgress(JobProgress.path_in(scratch_dir)))
+    except (BrokenPipeError, ConnectionResetError):  # the parent died while results were on their way: as EOF
+        pass
     finally:
         shutil.rmtree(scratch_dir, ignore_errors=True)
 
