@@ -8,7 +8,7 @@ tensor at a time, so even the engine's initial load never holds a second copy of
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -23,12 +23,18 @@ def checkpoint_shapes(model_path: Path) -> dict[str, tuple[int, ...]]:
 
 
 def validate_weights(
-    weights: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], strict: bool = True
+    weights: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], strict: bool = True,
+    max_abs: Callable[[str], float] = lambda name: torch.finfo(torch.float32).max,
 ) -> None:
-    """Reject an update whose names, shapes, dtypes or values cannot be loaded, naming every offending tensor."""
+    """Reject an update whose names, types, shapes, dtypes or values cannot be loaded, naming every offending tensor.
+
+    ``max_abs(name)`` is the largest magnitude the engine can hold for that tensor (its dtype's range for a tensor
+    loaded as is: a float32 1e39 would become inf in bf16).
+    """
     if not isinstance(weights, Mapping):
         raise WeightUpdateError(
-            "weights must be a mapping name -> tensor (e.g. a state dict) so they can be validated before loading"
+            f"weights must be a mapping name -> tensor (e.g. a state dict), got {type(weights).__name__}, so they can "
+            "be validated before loading"
         )
     problems = []
     unknown = sorted(set(weights) - set(expected))
@@ -37,34 +43,58 @@ def validate_weights(
     missing = sorted(set(expected) - set(weights)) if strict else []
     if missing:
         problems.append(f"missing tensors (strict update): {missing[:8]}{' ...' if len(missing) > 8 else ''}")
-    problems += tensor_problems(weights, expected, names=[name for name in weights if name in expected])
+    problems += tensor_problems(weights, expected, names=[name for name in weights if name in expected],
+                                max_abs=max_abs)
     if problems:
         raise WeightUpdateError("weight update rejected, engine weights unchanged:\n  " + "\n  ".join(problems))
 
 
 def tensor_problems(weights: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]] | None = None,
-                    names: Iterable[str] | None = None) -> list[str]:  # fmt: skip
-    """Why tensors cannot be loaded (wrong shape or dtype, NaN/inf), one line per bad tensor.
+                    names: Iterable[str] | None = None,
+                    max_abs: Callable[[str], float] = lambda name: torch.finfo(torch.float32).max) -> list[str]:
+    """Why tensors cannot be loaded (not a tensor, no data, wrong shape or dtype, NaN/inf or out of range), one line
+    per bad tensor.
 
-    Reads one tensor at a time (a lazy source is never materialized whole) and checks values with one host sync per
+    Reads one tensor at a time (a lazy source is never materialized whole) and checks values with one reduction per
+    tensor (``aminmax``: NaN propagates, so a single pass finds NaN, inf and out-of-range values) and one host sync per
     device for all tensors: a sync per tensor would stall a GPU pipeline.
     """
     problems: list[str] = []
-    finite: dict[torch.device, tuple[list[str], list[torch.Tensor]]] = {}
+    in_range: dict[torch.device, tuple[list[str], list[torch.Tensor]]] = {}
     for name in weights if names is None else names:
         tensor = weights[name]
-        if expected is not None and tuple(tensor.shape) != tuple(expected[name]):
+        if not isinstance(tensor, torch.Tensor):
+            problems.append(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
+        elif tensor.is_meta or local_tensor(tensor).is_meta:
+            problems.append(f"{name}: is a meta tensor (a shape without data)")
+        elif expected is not None and tuple(tensor.shape) != tuple(expected[name]):
             problems.append(f"{name}: shape {tuple(tensor.shape)} != checkpoint shape {tuple(expected[name])}")
         elif tensor.dtype not in WEIGHT_DTYPES:
             problems.append(f"{name}: dtype {tensor.dtype} is not one of {[str(d) for d in WEIGHT_DTYPES]}")
         else:
             local = local_tensor(tensor)
-            device_names, flags = finite.setdefault(local.device, ([], []))
+            device_names, flags = in_range.setdefault(local.device, ([], []))
             device_names.append(name)
-            flags.append(torch.isfinite(local).all())
-    for device_names, flags in finite.values():
-        problems += [f"{n}: contains NaN or inf" for n, ok in zip(device_names, torch.stack(flags).tolist()) if not ok]
+            flags.append(within_range(local, max_abs(name)))
+    for device_names, flags in in_range.values():
+        problems += [_range_problem(weights[n], max_abs(n), n)
+                     for n, ok in zip(device_names, torch.stack(flags).tolist()) if not ok]
     return problems
+
+
+def within_range(tensor: torch.Tensor, limit: float) -> torch.Tensor:
+    """0-dim bool: every value finite and within ±limit (an empty tensor is)."""
+    if tensor.numel() == 0:
+        return torch.ones((), dtype=torch.bool, device=tensor.device)
+    low, high = torch.aminmax(tensor)
+    return (low >= -limit) & (high <= limit)
+
+
+def _range_problem(tensor: torch.Tensor, limit: float, name: str) -> str:
+    local = local_tensor(tensor)
+    if not torch.isfinite(local).all():
+        return f"{name}: contains NaN or inf"
+    return f"{name}: |values| up to {local.abs().max().item():.3g} exceed the engine's range (±{limit:.3g})"
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -72,7 +102,7 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
-def _layer_index(name: str) -> tuple[int, str]:
+def layer_key(name: str) -> tuple[int, str]:
     """Sort key putting tensors of the same decoder layer together, embeddings first and the head last."""
     parts = name.split(".")
     for i, part in enumerate(parts[:-1]):
@@ -83,7 +113,7 @@ def _layer_index(name: str) -> tuple[int, str]:
 
 def stream_in_layer_order(weights: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, full tensor)`` one at a time in decoder-layer order, gathering DTensors lazily."""
-    for name in sorted(weights, key=_layer_index):
+    for name in sorted(weights, key=layer_key):
         tensor = weights[name]
         if hasattr(tensor, "full_tensor"):
             tensor = tensor.full_tensor()

@@ -22,6 +22,7 @@ import concurrent.futures
 import itertools
 import queue
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,14 +33,10 @@ from flash_rc.chat import generation_room, prompt_token_ids
 from flash_rc.errors import PromptTooLongError, UnsupportedPrecisionError, WeightUpdateError
 from flash_rc.models import resolve_model
 from flash_rc.rollout import vllm_compat
-from flash_rc.rollout.checkpoint import (
-    CheckpointTensors,
-    checkpoint_shapes,
-    stream_in_layer_order,
-    validate_weights,
-)
+from flash_rc.rollout.checkpoint import CheckpointTensors, checkpoint_shapes, validate_weights
 from flash_rc.rollout.engine_config import VLLM_ARGS, EngineConfig
 from flash_rc.rollout.formats import WeightFormat, compressed_tensors_config
+from flash_rc.rollout.reload import ModelReloader, SyncReport, SyncStats, WeightSource, layer_groups, named_weights
 from flash_rc.types import Completion, InflightUpdate, Prompt, SamplingConfig
 
 __all__ = ["Completion", "EngineConfig", "Prompt", "PromptTooLongError", "RolloutEngine", "SamplingConfig",
@@ -96,6 +93,7 @@ class RolloutEngine:
         self._llm = self._start_vllm(config)
         self._engine = self._llm.llm_engine
         self._model_version = 0
+        self._kv_may_be_stale = False  # set when the engine may have computed with bad weights
         try:
             self.weight_format = WeightFormat(
                 precision=config.precision,
@@ -105,12 +103,14 @@ class RolloutEngine:
                 visibility_sample=config.visibility_sample,
                 dtype=getattr(torch, config.dtype),
             )
+            model = self._llm.apply_model(lambda model: model)[0]  # in-process: the engine's own model object
+            self._reloader = ModelReloader(model, self._engine.vllm_config, self.weight_format, self.checkpoint_shapes)
             if self.quantized_by_flash_rc:  # the engine started from dummy weights: stream the real ones in
-                self._apply_weights(CheckpointTensors(self.model_path), inflight="wait")
+                self._apply_weights(CheckpointTensors(self.model_path), inflight="wait", stats=SyncStats())
                 self.weight_format.take_visibility()
                 self._model_version = 0  # the weights the engine starts with
         except BaseException:
-            self._llm = self._engine = None  # release the half-started engine so another can start
+            self._llm = self._engine = self._reloader = None  # release the half-started engine so another can start
             raise
         self._commands: queue.Queue[_Request | _Call | _Abort | None] = queue.Queue()
         self._held: list[_Request | _Call | _Abort | None] = []  # admitted commands waiting for their turn
@@ -228,51 +228,65 @@ class RolloutEngine:
         """Number of weight updates applied so far (0 = the weights the engine started with)."""
         return self._model_version
 
-    def update_weights(
-        self,
-        weights: Mapping[str, torch.Tensor],
-        strict: bool = True,
-        inflight: InflightUpdate | None = None,
-    ) -> int:
-        """Push new weights (HF checkpoint names) into the running engine in place; returns the new version.
+    def load(self, source: WeightSource, strict: bool = True, inflight: InflightUpdate | None = None) -> SyncReport:
+        """Push new weights (HF checkpoint names) into the running engine in place: the :class:`WeightSink` contract.
 
-        Everything is validated before any engine weight is touched (unknown or missing names, shapes, non-finite
-        values): a rejected update raises :class:`WeightUpdateError` and the engine keeps serving the old version.
-        Tensors are streamed one decoder layer at a time in layer order (vLLM reprocesses a layer as soon as all of
-        its tensors arrived), so peak extra memory is about one layer; DTensors are gathered lazily per tensor.
-        ``strict=False`` allows a partial update (a subset of names); ``inflight`` overrides
-        ``EngineConfig.inflight_update`` for this update.
+        ``source`` is a state dict, ``(name, tensor)`` pairs or the learner module (plain or FSDP2). Names, types,
+        shapes, dtypes and values (finite, within the engine dtype's range) are validated before any engine weight is
+        touched, and so is a partial update (``strict=False``: a subset of names), which must hold every tensor of each
+        engine module it feeds (q, k and v together); a rejected update raises :class:`WeightUpdateError` and the
+        engine keeps serving the old version. Tensors are then streamed one decoder layer at a time (DTensors
+        gathered lazily per tensor), converted to the engine's format, checked again as they will be loaded, and
+        reloaded: peak extra memory is about one layer. ``inflight`` overrides ``EngineConfig.inflight_update``.
         """
-        validate_weights(weights, self.checkpoint_shapes, strict=strict)
+        start = time.perf_counter()
+        stats = SyncStats()
+        with stats.phase("validation"):
+            weights = named_weights(source, self.checkpoint_shapes)
+            validate_weights(weights, self.checkpoint_shapes, strict=strict, max_abs=self.weight_format.max_abs)
+            problems = [] if set(weights) >= set(self.checkpoint_shapes) else \
+                self._reloader.partial_update_problems(weights)
+            if problems:
+                raise WeightUpdateError("partial weight update rejected, engine weights unchanged:\n  "
+                                        + "\n  ".join(problems))
         inflight = inflight or self.config.inflight_update
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._put(_Call(lambda: self._apply_weights(weights, inflight), future, needs_idle=inflight == "wait"))
-        return future.result()
+        self._put(_Call(lambda: self._apply_weights(weights, inflight, stats), future, needs_idle=inflight == "wait"))
+        version = future.result()
+        seconds = time.perf_counter() - start
+        return SyncReport(version, seconds, stats.tensors, stats.source_bytes, stats.metrics(seconds, self.weight_format))
 
-    def _apply_weights(self, weights: Mapping[str, torch.Tensor], inflight: str) -> int:
-        engine_tensors = (
-            converted for name, tensor in stream_in_layer_order(weights)
-            for converted in self.weight_format.convert(name, tensor)
-        )
-        vllm_config = self._engine.vllm_config
+    def update_weights(self, weights: WeightSource, strict: bool = True, inflight: InflightUpdate | None = None
+                       ) -> int:
+        """:meth:`load`, returning only the new ``model_version``."""
+        return self.load(weights, strict, inflight).model_version
 
+    def _apply_weights(self, weights: Mapping[str, torch.Tensor], inflight: str, stats: SyncStats) -> int:
         def reload(model: torch.nn.Module) -> None:
-            with vllm_compat.layerwise_reload(model, vllm_config):
-                model.load_weights(engine_tensors)
+            with self._reloader.session(stats) as load:
+                for group in layer_groups(weights, stats):
+                    load(group)
 
         try:
             self._llm.apply_model(reload)
-            self.weight_format.raise_if_nonfinite()
-        except Exception as error:  # validation passed, so this is unexpected: some layers may hold the new weights
+        except Exception as error:
             self.weight_format.take_visibility()
-            raise WeightUpdateError(
-                f"weight update failed while streaming ({type(error).__name__}: {error}); the engine may now hold a "
-                "mix of old and new weights: sync a full state dict again before sampling"
-            ) from error
-        finally:
-            self._model_version += 1
-            # Cached prefixes hold KV of the old weights; running requests are re-prefilled under "recompute".
+            self._kv_may_be_stale = True
+            if self._reloader.groups_loaded == 0 and isinstance(error, WeightUpdateError):
+                raise WeightUpdateError(f"weight update {error}; engine weights unchanged") from error
+            self._model_version += 1  # some layers hold the new weights
             self._engine.reset_prefix_cache(reset_running_requests=inflight == "recompute")
+            raise WeightUpdateError(
+                f"weight update failed while streaming ({type(error).__name__}: {error}); every engine module holds "
+                "either its old or its new weights, so the engine keeps serving a mix of the two policies: sync a full "
+                "state dict again (it restores one policy) before sampling for training"
+            ) from error
+        if self._kv_may_be_stale:  # the engine may have computed with bad weights: no KV of theirs may be reused
+            self._llm.apply_model(vllm_compat.clear_kv_cache)
+            self._kv_may_be_stale = False
+        self._model_version += 1
+        # Cached prefixes hold KV of the old weights; running requests are re-prefilled under "recompute".
+        self._engine.reset_prefix_cache(reset_running_requests=inflight == "recompute")
         return self._model_version
 
     def call_in_engine_thread(self, fn: Callable[[], Any], wait_for_idle: bool = False) -> Any:
@@ -359,6 +373,8 @@ class RolloutEngine:
         for sample in sorted(output.outputs, key=lambda o: o.index):
             token_ids = list(sample.token_ids)
             logprobs = [step[token].logprob for step, token in zip(sample.logprobs or [], token_ids)]
+            if any(lp != lp for lp in logprobs):  # NaN: computed with bad weights, its KV must not be reused
+                self._kv_may_be_stale = True
             completions.append(
                 Completion(
                     prompt_token_ids=request.prompt_token_ids,
@@ -395,6 +411,7 @@ class RolloutEngine:
                 self._closed = True
                 self._commands.put(None)
         self._thread.join()
+        self._reloader = None  # it holds the model
         if self._llm is not None:
             vllm_compat.shutdown(self._llm)
         self._llm = self._engine = None

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -124,15 +125,27 @@ class WeightFormat:
     _visibility: UpdateVisibility = field(default_factory=UpdateVisibility)
     _nonfinite: dict[torch.device, torch.Tensor] = field(default_factory=dict)
 
+    def max_abs(self, name: str) -> float:
+        """The largest magnitude a learner tensor may hold: the engine dtype's range for a tensor loaded as is (a
+        float32 1e39 becomes inf in bf16), float32's for one the quantizers read."""
+        return torch.finfo(torch.float32 if name in self.quantized_names else self.dtype).max
+
     def convert(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         """The engine-format tensors for one learner tensor: itself, or ``name`` (codes) + ``name_scale``.
 
         Inputs are expected to be validated (finite); on CUDA the quantizers only count non-finite values on the
         device (no host sync per tensor) and :meth:`raise_if_nonfinite` checks the count once per sync.
         """
+        tensors, commit = self.convert_staged(name, tensor)
+        commit()
+        yield from tensors
+
+    def convert_staged(self, name: str, tensor: torch.Tensor
+                       ) -> tuple[list[tuple[str, torch.Tensor]], Callable[[], None]]:  # fmt: skip
+        """:meth:`convert`, with what it records (a first frozen scale, the visibility rows) held back until the
+        returned ``commit()`` is called — after the engine loaded the tensors, so a refused update records nothing."""
         if name not in self.quantized_names:
-            yield name, tensor.to(self.dtype)
-            return
+            return [(name, tensor.to(self.dtype))], _nothing
         frozen = self._frozen.get(name) if self.scales == "frozen" else None
         if frozen is not None and frozen.device != tensor.device:  # e.g. started from CPU files, synced from GPU
             frozen = self._frozen[name] = frozen.to(tensor.device)
@@ -142,12 +155,14 @@ class WeightFormat:
         else:
             codes, scale = quantize_fp8(tensor, self.fp8_granularity, FP8_BLOCK_SIZE, scale=frozen, name=name,
                                         nonfinite_count=counter)
-        if self.scales == "frozen" and name not in self._frozen:
-            self._frozen[name] = scale
-        if self.visibility_sample > 0:
-            self._track(name, tensor, codes, scale)
-        yield name, codes
-        yield f"{name}_scale", scale
+
+        def commit() -> None:
+            if self.scales == "frozen" and name not in self._frozen:
+                self._frozen[name] = scale
+            if self.visibility_sample > 0:
+                self._track(name, tensor, codes, scale)
+
+        return [(name, codes), (f"{name}_scale", scale)], commit
 
     def raise_if_nonfinite(self) -> None:
         """Raise if any quantized input since the last call held NaN/inf (one host sync per device), then reset."""
@@ -195,3 +210,8 @@ def _sample_rows(name: str, num_rows: int, fraction: float) -> torch.Tensor:
     seed = int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little") & ((1 << 62) - 1)
     generator = torch.Generator().manual_seed(seed)
     return torch.randperm(num_rows, generator=generator)[:count].sort().values
+
+
+def _nothing() -> None:
+    """The commit of a tensor that records nothing."""
+

@@ -11,66 +11,14 @@ logged with the training metrics.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Literal
-
-import torch
-
-from flash_rc.rollout.checkpoint import local_tensor
 from flash_rc.rollout.engine import RolloutEngine
+from flash_rc.rollout.reload import SyncReport, WeightSource, named_weights
+from flash_rc.types import InflightUpdate
 
-WeightSource = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | torch.nn.Module
-
-
-@dataclass
-class SyncReport:
-    """What one sync did."""
-
-    model_version: int
-    seconds: float
-    tensors: int
-    source_bytes: int
-    """Bytes of the learner tensors streamed (full, unsharded sizes)."""
-    metrics: dict[str, float] = field(default_factory=dict)
-    """``sync/seconds``, ``sync/gb_per_s`` and the visibility metrics (``sync/codes_changed_fraction``, ...)."""
+__all__ = ["SyncReport", "WeightSource", "named_weights", "sync"]
 
 
-def named_weights(source: WeightSource, checkpoint_names: Iterable[str] = ()) -> Mapping[str, torch.Tensor]:
-    """A name → tensor mapping for any supported source.
-
-    A module's state dict may hold tied aliases the checkpoint does not store (``lm_head.weight`` tied to
-    ``model.embed_tokens.weight``): an alias of a tensor already present under a checkpoint name is dropped. An
-    iterable of pairs is collected into a dict (it must be validated before anything is loaded).
-    """
-    if isinstance(source, torch.nn.Module):
-        state = source.state_dict()
-        known = set(checkpoint_names)
-        kept_storage = {_storage_key(t) for name, t in state.items() if name in known}
-        return {name: t for name, t in state.items() if name in known or _storage_key(t) not in kept_storage}
-    if isinstance(source, Mapping):
-        return source
-    return dict(source)
-
-
-def _storage_key(tensor: torch.Tensor) -> tuple:
-    local = local_tensor(tensor)
-    return (local.device, local.untyped_storage().data_ptr(), local.storage_offset())
-
-
-def sync(
-    engine: RolloutEngine,
-    source: WeightSource,
-    strict: bool = True,
-    inflight: Literal["recompute", "wait"] | None = None,
-) -> SyncReport:
-    """Push the learner's weights into the running engine; see the module docstring."""
-    weights = named_weights(source, engine.checkpoint_shapes)
-    source_bytes = sum(t.numel() * t.element_size() for t in weights.values())
-    start = time.perf_counter()
-    version = engine.update_weights(weights, strict=strict, inflight=inflight)
-    seconds = time.perf_counter() - start
-    metrics = {"sync/seconds": seconds, "sync/gb_per_s": source_bytes / 1e9 / seconds if seconds else 0.0}
-    metrics.update(engine.weight_format.take_visibility())
-    return SyncReport(version, seconds, len(weights), source_bytes, metrics)
+def sync(engine: RolloutEngine, source: WeightSource, strict: bool = True,
+         inflight: InflightUpdate | None = None) -> SyncReport:  # fmt: skip
+    """Push the learner's weights into the running engine; see the module docstring (``RolloutEngine.load``)."""
+    return engine.load(source, strict=strict, inflight=inflight)

@@ -12,7 +12,8 @@
    checkpoint tensor of its own, so the reload reprocesses the embedding but leaves the lm_head's handler holding the
    *old* (or, after a dummy start, random) weights: logits stop following the learner. After every reload we
    re-process each layer that only aliases another layer's weight.
-   Reloads go through :func:`layerwise_reload`, which also finalizes the layers when a stream fails midway.
+   Reloads go through :func:`layerwise_reload`, which also finalizes the layers when a stream fails midway and
+   reloads only the modules an update feeds (:func:`checkpoint_modules`).
 3. **fp32 lm_head** is vLLM's ``hf_overrides={"head_dtype": "float32"}`` (``ModelConfig.head_dtype``); older vLLMs
    do not have it, and we say so instead of silently running a bf16 head.
 4. **Which checkpoint tensors a quantized engine quantizes**: read from the engine's own modules, so what we
@@ -104,26 +105,76 @@ def quantized_checkpoint_names(model) -> frozenset[str]:
     return frozenset(f"{part}.weight" for parts in quantized_linear_modules(model).values() for part in parts)
 
 
-@contextlib.contextmanager
-def layerwise_reload(model, vllm_config):
-    """vLLM's layerwise in-place reload (what ``reload_weights`` does), made safe to fail and to tie.
+def checkpoint_modules(model, checkpoint_names) -> dict[str, str | None]:
+    """The vLLM module whose weight loader receives each checkpoint tensor (``None``: vLLM renames it on load).
 
-    Inside the block, ``model.load_weights(...)`` (any number of calls) buffers each layer's tensors and re-processes
-    the layer as soon as it is complete, copying the result into the existing parameter storage. The layers are
-    always finalized — vLLM's own ``reload_weights`` leaves them on the meta device if the stream raises midway — and
-    tied layers are refreshed (point 2 above).
+    vLLM fuses q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj`` (``model.packed_modules_mapping``), so
+    ``…q_proj.weight`` and ``…q_proj.bias`` load into ``…qkv_proj``; every other tensor loads into the module of its
+    own name. A reload must feed each module all of its tensors at once.
+    """
+    fused_of = {part: fused for fused, parts in (getattr(model, "packed_modules_mapping", {}) or {}).items()
+                for part in parts}
+    modules = dict(model.named_modules())
+    placement: dict[str, str | None] = {}
+    for name in checkpoint_names:
+        module_name = name.rpartition(".")[0]
+        parent, _, leaf = module_name.rpartition(".")
+        fused = f"{parent}.{fused_of[leaf]}" if parent and leaf in fused_of else None
+        placement[name] = fused if fused in modules else module_name if module_name in modules else None
+    return placement
+
+
+@contextlib.contextmanager
+def layerwise_reload(model, vllm_config, scoped: bool = True):
+    """vLLM's layerwise in-place reload (what ``reload_weights`` does), scoped, safe to fail and to tie.
+
+    The block receives ``prepare(module_names)``: call it right before ``model.load_weights(...)`` with the modules
+    those tensors load into. Only prepared modules go through the reload — each is re-materialized, buffers its
+    tensors and is re-processed as soon as all of them arrived, copying the result into the existing parameter
+    storage; every other module keeps its weights untouched (vLLM's own reload re-materializes *every* module, and a
+    quantized module that then receives nothing is left without its weight). ``scoped=False`` prepares the whole
+    model at once, for models whose tensor names :func:`checkpoint_modules` cannot place. Prepared modules are always
+    finalized — vLLM's ``reload_weights`` leaves them on the meta device if the stream raises midway — and tied layers
+    are refreshed (point 2 above).
     """
     import torch
     from vllm.config import set_current_vllm_config
     from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
 
+    prepared: set[str] = set()
+
+    def prepare(module_names) -> None:
+        for name in set(module_names) - prepared:
+            module = model.get_submodule(name)
+            initialize_layerwise_reload(module)
+            for flag in ("_original_do_torchao_reload", "_do_torchao_reload"):  # model-level flags vLLM sets
+                module.__dict__.pop(flag, None)
+            prepared.add(name)
+
     with torch.no_grad(), set_current_vllm_config(vllm_config):
-        initialize_layerwise_reload(model)
+        if not scoped:
+            initialize_layerwise_reload(model)
         try:
-            yield
+            yield prepare if scoped else (lambda module_names: None)
         finally:
             finalize_layerwise_reload(model, vllm_config.model_config)
             refresh_tied_layers(model)
+
+
+def clear_kv_cache(model) -> int:
+    """Zero every attention layer's KV cache; returns the bytes cleared.
+
+    Needed after the engine computed with bad weights: freed KV blocks are reused without being cleared, and a NaN
+    left in a block's unused slots poisons attention later (a masked score times a NaN value is still NaN).
+    """
+    cleared = 0
+    for module in model.modules():
+        caches = getattr(module, "kv_cache", None)
+        for cache in caches if isinstance(caches, (list, tuple)) else [caches]:
+            if getattr(cache, "numel", lambda: 0)() > 0:
+                cache.zero_()
+                cleared += cache.numel() * cache.element_size()
+    return cleared
 
 
 def shutdown(llm) -> None:
