@@ -11,11 +11,11 @@ memory) and calls ``update_weights_from_ipc`` on each vLLM worker. verl's own ex
 ``model.load_weights`` and runs ``process_weights_after_loading`` over the whole model at the end: right for bf16,
 wrong for INT8 (bf16 values copied into int8 parameters; post-processing re-run on layers already processed). Our
 override keeps verl's transport — the same ``BucketedWeightReceiver`` — and changes what each bucket becomes: every
-tensor goes through flash_rc's :class:`~flash_rc.rollout.formats.WeightFormat` (per-channel INT8 codes + float32
-scales for the engine's quantized linears, everything else cast to the engine dtype) and into vLLM's layerwise
-reload, which processes
-a layer once all its tensors arrived and copies the result into the engine's existing parameter storage. That is the
-code path of flash_rc's in-process engine, so both produce the same engine weights from the same learner weights.
+bucket goes through :class:`~flash_rc.rollout.reload.ModelReloader`, the reload path of flash_rc's in-process engine
+(per-channel INT8 codes + float32 scales for the engine's quantized linears, everything else cast to the engine
+dtype; checked as loaded; reloaded only into the vLLM modules it feeds, each processed once all its tensors arrived
+and copied into the engine's existing parameter storage), so both produce the same engine weights from the same
+learner weights.
 On CPU (oneDNN kernels) the worker applies :func:`~flash_rc.rollout.vllm_compat.keep_onednn_scales_alive`; CUDA
 kernels keep all state in parameters.
 
@@ -41,7 +41,8 @@ import logging
 import os
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,9 +52,10 @@ from verl.workers.rollout.vllm_rollout.utils import vLLMColocateWorkerExtension
 from verl.workers.rollout.vllm_rollout.weight_update_utils import apply_buffer_updates
 
 from flash_rc.rollout import vllm_compat
-from flash_rc.rollout.checkpoint import tensor_problems
+from flash_rc.rollout.checkpoint import checkpoint_shapes, tensor_problems
 from flash_rc.rollout.engine_config import EngineConfig
 from flash_rc.rollout.formats import WeightFormat, compressed_tensors_config
+from flash_rc.rollout.reload import ModelReloader, SyncStats
 from flash_rc.schema import FrozenSection, fields_of
 
 logger = logging.getLogger(__name__)
@@ -148,102 +150,95 @@ class Int8RolloutWorkerExtension(vLLMColocateWorkerExtension):
         """Receive one weight sync from verl's ``BucketedWeightSender`` and load it requantized (same signature)."""
         if peft_config and base_sync_done:
             return super().update_weights_from_ipc(peft_config, base_sync_done, use_shm)
-        model = self.model_runner.get_model()
-        sync = _LayerwiseSync(model, self._flash_rc_weight_format, {name for name, _ in model.named_buffers()})
+        reloader = self._flash_rc_reloader()
+        model = reloader.model
+        sync = _BucketSync(reloader.weight_format, {name for name, _ in model.named_buffers()})
         receiver = BucketedWeightReceiver(zmq_handle=self._get_zmq_handle(), device=self.device, use_shm=use_shm)
         start = time.perf_counter()
-        with vllm_compat.layerwise_reload(model, self.vllm_config):  # finalizes the layers even after an error
-            receiver.receive_weights(on_bucket_received=sync.load_bucket)
-        if sync.error is None and sync.weight_format is not None:
-            try:  # inputs were checked per bucket; this reads the quantizers' device-side counts once
-                sync.weight_format.raise_if_nonfinite()
-            except ValueError as error:
-                sync.error = WeightSyncError(str(error))
+        stats = SyncStats()
+        try:
+            with reloader.session(stats) as load:  # finalizes the modules it prepared, even after an error
+                receiver.receive_weights(
+                    on_bucket_received=lambda weights, is_last: sync.load_bucket(weights, load, stats))
+        except Exception as error:  # finalizing after a failed bucket (the bucket's error is the one reported)
+            sync.error = sync.error or WeightSyncError(f"finishing the reload failed: {error}")
         if sync.error is not None:
-            if sync.weight_format is not None:
-                sync.weight_format.take_visibility()  # a partial sync has no meaningful visibility metrics
+            reloader.weight_format.take_visibility()  # a partial sync has no meaningful visibility metrics
             raise sync.error
         apply_buffer_updates(model, sync.buffers)
         seconds = time.perf_counter() - start
-        metrics = {"sync/seconds": seconds, "sync/gb_per_s": sync.bytes / 1e9 / seconds,
-                   "sync/tensors": float(sync.tensors), **sync.weight_format.take_visibility()}  # fmt: skip
-        self._flash_rc_metrics = metrics
-        logger.info("flash_rc INT8 weight sync (worker rank %s): %s", self.rank, metrics)
+        self._flash_rc_metrics = stats.metrics(seconds, reloader.weight_format)
+        logger.info("flash_rc INT8 weight sync (worker rank %s): %s", self.rank, self._flash_rc_metrics)
 
     def flash_rc_sync_metrics(self) -> dict[str, float]:
         """Metrics of this worker's last weight sync: timing and update visibility (``sync/codes_changed_fraction``,
         ``sync/update_lost_fraction``, ...; no visibility metrics after the first sync, which has no previous one)."""
         return dict(getattr(self, "_flash_rc_metrics", {}))
 
-    def _flash_rc_weight_format(self) -> WeightFormat:
-        """This worker's requantizer, built at the first sync (it keeps frozen scales and visibility state)."""
-        if getattr(self, "_flash_rc_format", None) is None:
+    def _flash_rc_reloader(self) -> ModelReloader:
+        """This worker's reload path, built at the first sync (its format keeps frozen scales and visibility state)."""
+        if getattr(self, "_flash_rc_reload", None) is None:
             if getattr(self.vllm_config, "lora_config", None) is not None or self._use_mtp_drafter_weight_sync():
                 raise WeightSyncError("INT8 weight syncs need a plain base model: this engine has LoRA or an MTP "
                                       "drafter enabled")  # fmt: skip
-            names = vllm_compat.quantized_checkpoint_names(self.model_runner.get_model())
+            model = self.model_runner.get_model()
+            names = vllm_compat.quantized_checkpoint_names(model)
             if not names:
                 raise WeightSyncError("this engine has no quantized linear layers to write INT8 codes into")
-            self._flash_rc_format = WeightFormat(
+            weight_format = WeightFormat(
                 precision="int8",
                 scales=self._flash_rc_settings.scales,
                 quantized_names=names,
                 visibility_sample=self._flash_rc_settings.visibility_sample,
                 dtype=self.vllm_config.model_config.dtype,
             )
-        return self._flash_rc_format
+            model_dir = Path(self.vllm_config.model_config.model)
+            checkpoint_names = checkpoint_shapes(model_dir) if model_dir.is_dir() else ()  # else: unscoped reloads
+            self._flash_rc_reload = ModelReloader(model, self.vllm_config, weight_format, checkpoint_names,
+                                                  copy_unconverted=True)
+        return self._flash_rc_reload
 
 
-class _LayerwiseSync:
-    """Loads received buckets into a model under layerwise reload, remembering the first error instead of raising.
+class _BucketSync:
+    """Checks and loads received buckets, remembering the first error instead of raising.
 
     Raising inside the receiver's callback would leave verl's sender blocked on its acknowledgement forever, so after
     an error the remaining buckets are received and dropped, and the error is raised once the transfer completed.
+    The receiver refills its bucket buffer for the next bucket: the reloader copies tensors it passes through
+    unconverted, and buffers are cloned here (applied after the reload, as verl's base class does).
     """
 
-    def __init__(self, model: torch.nn.Module, get_weight_format: Callable[[], WeightFormat], buffer_names: set[str]):
-        self.model = model
-        self.get_weight_format = get_weight_format
-        self.weight_format: WeightFormat | None = None
+    def __init__(self, weight_format: WeightFormat, buffer_names: set[str]):
+        self.weight_format = weight_format
         self.buffer_names = buffer_names
         self.buffers: list[tuple[str, torch.Tensor]] = []
         self.error: WeightSyncError | None = None
-        self.tensors = 0
-        self.bytes = 0
 
-    def load_bucket(self, weights: list[tuple[str, torch.Tensor]], is_last: bool) -> None:
+    def load_bucket(self, weights: list[tuple[str, torch.Tensor]], load, stats: SyncStats) -> None:
         if self.error is not None:
             return
-        engine_tensors = []
         try:
-            self.weight_format = self.weight_format or self.get_weight_format()
-            problems = tensor_problems(dict(weights))  # one host sync per bucket
+            with stats.phase("validation"):
+                problems = tensor_problems(dict(weights), max_abs=self.weight_format.max_abs)  # one host sync
             if problems:
                 raise WeightSyncError("; ".join(problems))
+            group = []
             for name, tensor in weights:
-                self.tensors += 1
-                self.bytes += tensor.numel() * tensor.element_size()
-                if name in self.buffer_names:  # applied after the reload, like verl's base class does
+                stats.count(tensor)
+                if name in self.buffer_names:
                     self.buffers.append((name, tensor.clone()))
-                    continue
-                engine_tensors.extend(self._convert(name, tensor))
-            self.model.load_weights(engine_tensors)
+                else:
+                    group.append((name, tensor))
+            load(group)
         except Exception as error:
             # Keep the message, not the exception: its traceback's frames hold views of the receiver's shared-memory
             # bucket, which the receiver must close before it acknowledges the last bucket. The traceback is logged.
             logger.error("flash_rc INT8 weight sync failed:\n%s", "".join(traceback.format_exception(error)))
             names = [name for name, _ in weights]
             self.error = WeightSyncError(
-                f"{error} (in a bucket of {len(names)} tensors from {names[:1]}; the engine now holds a partial "
-                "update: sync again before generating)"
+                f"{error} (in a bucket of {len(names)} tensors from {names[:1]}; the modules loaded before it hold "
+                "the new weights, the others the old ones: sync again before generating)"
             )
-
-    def _convert(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        converted = list(self.weight_format.convert(name, tensor))
-        # The layerwise reload holds tensors until their layer is complete, and the receiver reuses its bucket buffer
-        # for the next bucket: tensors passed through unconverted are copied out of it.
-        return [(engine_name, engine_tensor.clone() if engine_tensor is tensor else engine_tensor)
-                for engine_name, engine_tensor in converted]
 
 
 def _check_int8_engine(vllm_config) -> None:
