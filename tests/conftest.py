@@ -76,6 +76,12 @@ def tiny_engine_config(tiny_model, **overrides):
 
 
 @pytest.fixture()
+def tiny_config(tiny_model):
+    """``tiny_config(**overrides)``: the tiny engine's config with some fields changed (shares ``engine_slot``)."""
+    return lambda **overrides: tiny_engine_config(tiny_model, **overrides)
+
+
+@pytest.fixture()
 def tiny_engine(engine_slot, tiny_model):
     """A float32 engine on the tiny model. Tests that change its weights must put the original ones back."""
     return engine_slot.get(tiny_engine_config(tiny_model))
