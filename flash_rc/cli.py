@@ -111,8 +111,13 @@ def _subcommand_main(command: str) -> Callable[[list[str]], int]:
     return lambda argv: importlib.import_module(SUBCOMMANDS[command][0]).main(argv)
 
 
+ENGINE_COMMANDS = frozenset({"decode"})
+"""Subcommands that run a rollout engine: as a process's entry point they re-execute once with the libraries of
+``flash_rc.launch`` preloaded."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    entry_point, argv = argv is None, list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
@@ -120,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     if command not in SUBCOMMANDS:
         print(f"flash-rc: error: unknown command {command!r}; choose from {', '.join(SUBCOMMANDS)}", file=sys.stderr)
         return EXIT_USAGE
+    if entry_point and command in ENGINE_COMMANDS:  # never from a caller's process (e.g. a test calling main)
+        from flash_rc.launch import reexec_with_preload
+
+        reexec_with_preload("flash_rc.cli", argv)
     with _sigterm_raises():
         return run_command(command, _subcommand_main(command), args)
 

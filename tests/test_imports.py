@@ -17,7 +17,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LIGHT_PACKAGES = ["flash_rc.rc", "flash_rc.config", "flash_rc.rewards", "flash_rc.data", "flash_rc.algo",
-                  "flash_rc.types", "flash_rc.errors", "flash_rc.chat", "flash_rc.schema", "flash_rc.outputs"]
+                  "flash_rc.types", "flash_rc.errors", "flash_rc.chat", "flash_rc.schema", "flash_rc.outputs",
+                  "flash_rc.launch"]
 
 
 def light_modules() -> list[str]:

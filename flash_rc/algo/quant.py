@@ -128,15 +128,26 @@ def check_scale(scale: torch.Tensor, weight: torch.Tensor, shape: tuple[int, ...
         raise ValueError(f"{name}: scale must be finite and > 0, got {scale[index].item()} at index {index}")
 
 
-def _float32_values(weight: torch.Tensor, name: str) -> torch.Tensor:
+def _float32_values(weight: torch.Tensor, name: str, check: bool = True) -> torch.Tensor:
     """A private float32 copy of the weight (exact for bf16/fp16; the quantizers then work in place on it), after
     checking it is finite. A NaN or ±inf element makes the sum non-finite, so one cheap reduction clears the common
     case; only then (or on float32 overflow of the sum, which real weights never reach) does the exact element-wise
-    check run and raise."""
+    check run and raise. ``check=False`` skips it for callers that reduce the values anyway (:func:`_absmax`)."""
     values = weight.to(torch.float32, copy=True)
-    if not torch.isfinite(values.sum()):
+    if check and not torch.isfinite(values.sum()):
         check_finite(weight, name)
     return values
+
+
+def _absmax(values: torch.Tensor, weight: torch.Tensor, name: str, dim: int | None = None) -> torch.Tensor:
+    """max |x| per row (``dim=1``, keepdim) or over the tensor as max(−min, max): two reductions and no |x|
+    temporary (2.4x faster than ``abs().amax`` on this CPU; ``aminmax`` along a dim is 7x slower). NaN and ±inf
+    propagate into it, so it doubles as the finiteness check (raising as :func:`check_finite` does)."""
+    keep = {} if dim is None else {"dim": dim, "keepdim": True}
+    amax = torch.maximum(-values.amin(**keep), values.amax(**keep))
+    if not torch.isfinite(amax).all():
+        check_finite(weight, name)
+    return amax
 
 
 def _as_f32(value: float, like: torch.Tensor) -> torch.Tensor:
@@ -156,9 +167,9 @@ def quantize_int8_per_channel(weight: torch.Tensor, scale: torch.Tensor | None =
     check_weight(weight, name)
     if scale is not None:
         check_scale(scale, weight, (weight.shape[0], 1), name)
-    values = _float32_values(weight, name)
+    values = _float32_values(weight, name, check=scale is not None)
     if scale is None:
-        amax = values.abs().amax(dim=1, keepdim=True)
+        amax = _absmax(values, weight, name, dim=1)
         scale = torch.where(amax > 0, amax / _as_f32(INT8_MAX, amax), 1.0)
     codes = values.div_(scale).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     return codes, scale
@@ -203,7 +214,7 @@ def quantize_fp8(weight: torch.Tensor, granularity: FP8Granularity, block_size: 
     shape = fp8_scale_shape(weight.shape, granularity, block_size)
     if scale is not None:
         check_scale(scale, weight, shape, name)
-    values = _float32_values(weight, name)
+    values = _float32_values(weight, name, check=scale is not None or granularity == "block")
     if granularity == "block":
         blocked = _block_view(values, block_size)
         if scale is None:
@@ -213,10 +224,10 @@ def quantize_fp8(weight: torch.Tensor, granularity: FP8Granularity, block_size: 
         return _unblock(_fp8_cast(blocked.mul_(inverse)), weight.shape).contiguous(), scale
     if scale is None:
         if granularity == "tensor":
-            amax = values.abs().amax().reshape(1)
+            amax = _absmax(values, weight, name).reshape(1)
             scale = torch.where(amax > 0, amax / _as_f32(FP8_E4M3_MAX, amax), 1.0)
         else:
-            amax = values.abs().amax(dim=1, keepdim=True)
+            amax = _absmax(values, weight, name, dim=1)
             scale = (amax / _as_f32(FP8_E4M3_MAX, amax)).clamp_min(FP8_CHANNEL_MIN_SCALE)
     if granularity == "tensor":
         return _fp8_cast(values.mul_(torch.reciprocal(scale))), scale

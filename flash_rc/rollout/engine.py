@@ -36,7 +36,8 @@ from flash_rc.rollout import vllm_compat
 from flash_rc.rollout.checkpoint import CheckpointTensors, checkpoint_shapes, validate_weights
 from flash_rc.rollout.engine_config import VLLM_ARGS, EngineConfig
 from flash_rc.rollout.formats import WeightFormat, compressed_tensors_config
-from flash_rc.rollout.reload import ModelReloader, SyncReport, SyncStats, WeightSource, layer_groups, named_weights
+from flash_rc.rollout.reload import ModelReloader, SyncReport, SyncStats, TensorSet, WeightSource, layer_groups, \
+    named_weights
 from flash_rc.types import Completion, InflightUpdate, Prompt, SamplingConfig
 
 __all__ = ["Completion", "EngineConfig", "Prompt", "PromptTooLongError", "RolloutEngine", "SamplingConfig",
@@ -241,17 +242,13 @@ class RolloutEngine:
         """
         start = time.perf_counter()
         stats = SyncStats()
-        with stats.phase("validation"):
-            weights = named_weights(source, self.checkpoint_shapes)
-            validate_weights(weights, self.checkpoint_shapes, strict=strict, max_abs=self.weight_format.max_abs)
-            problems = [] if set(weights) >= set(self.checkpoint_shapes) else \
-                self._reloader.partial_update_problems(weights)
-            if problems:
-                raise WeightUpdateError("partial weight update rejected, engine weights unchanged:\n  "
-                                        + "\n  ".join(problems))
+        weights = named_weights(source, self.checkpoint_shapes)
         inflight = inflight or self.config.inflight_update
         future: concurrent.futures.Future = concurrent.futures.Future()
-        self._put(_Call(lambda: self._apply_weights(weights, inflight, stats), future, needs_idle=inflight == "wait"))
+        # Validation runs on the engine thread too: one thread, one OpenMP pool (a second pool's spinning threads
+        # would halve the speed of both on a small CPU).
+        self._put(_Call(lambda: self._apply_weights(weights, inflight, stats, strict), future,
+                        needs_idle=inflight == "wait"))
         version = future.result()
         seconds = time.perf_counter() - start
         return SyncReport(version, seconds, stats.tensors, stats.source_bytes, stats.metrics(seconds, self.weight_format))
@@ -261,11 +258,26 @@ class RolloutEngine:
         """:meth:`load`, returning only the new ``model_version``."""
         return self.load(weights, strict, inflight).model_version
 
-    def _apply_weights(self, weights: Mapping[str, torch.Tensor], inflight: str, stats: SyncStats) -> int:
+    def _validate(self, weights: Mapping[str, torch.Tensor], strict: bool, checked: TensorSet) -> None:
+        validate_weights(weights, self.checkpoint_shapes, strict=strict, max_abs=self.weight_format.max_abs,
+                         checked=checked)
+        problems = [] if set(weights) >= set(self.checkpoint_shapes) else \
+            self._reloader.partial_update_problems(weights)
+        if problems:
+            raise WeightUpdateError("partial weight update rejected, engine weights unchanged:\n  "
+                                    + "\n  ".join(problems))
+
+    def _apply_weights(self, weights: Mapping[str, torch.Tensor], inflight: str, stats: SyncStats,
+                       strict: bool | None = None) -> int:
+        """Validate (unless ``strict`` is None: the engine's own checkpoint at start-up), then stream and reload."""
+        checked = TensorSet()
+        if strict is not None:
+            with stats.phase("validation"):
+                self._validate(weights, strict, checked)
+
         def reload(model: torch.nn.Module) -> None:
-            with self._reloader.session(stats) as load:
-                for group in layer_groups(weights, stats):
-                    load(group)
+            with self._reloader.session(stats, checked) as load:
+                load(layer_groups(weights, stats))
 
         try:
             self._llm.apply_model(reload)

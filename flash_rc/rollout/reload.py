@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -177,31 +178,57 @@ class ModelReloader:
         return problems
 
     @contextlib.contextmanager
-    def session(self, stats: SyncStats) -> Iterator[Callable[[Group], None]]:
-        """One update: the block calls the yielded ``load(group)`` for each group; modules are finalized on exit."""
+    def session(self, stats: SyncStats, checked: TensorSet | None = None
+                ) -> Iterator[Callable[[Iterable[Group]], None]]:  # fmt: skip
+        """One update. The block calls the yielded ``load(groups)`` any number of times — the engine once, with the
+        whole layer-ordered stream (vLLM's loader then runs once), verl's worker once per bucket — and the prepared
+        modules are finalized on exit. ``checked`` holds source tensors already found within the engine's range:
+        those that reach the engine unconverted (same object) are not checked again."""
         self.groups_loaded = 0
         with stats.phase("load"), vllm_compat.layerwise_reload(self.model, self.vllm_config, self.scoped) as prepare:
-            yield lambda group: self._load(group, prepare, stats)
+            yield lambda groups: self.model.load_weights(self._stream(groups, prepare, stats, checked))
 
-    def _load(self, group: Group, prepare: Callable[[Iterable[str]], None], stats: SyncStats) -> None:
-        converted, commits = [], []
-        with stats.phase("quantization"):
-            for name, tensor in group:
-                tensors, commit = self.weight_format.convert_staged(name, tensor)
-                if self.copy_unconverted:
-                    tensors = [(n, t.clone() if t is tensor else t) for n, t in tensors]
-                converted.append((name, tensors))
-                commits.append(commit)
-        with stats.phase("validation"):
-            problems = loaded_value_problems(converted, self.weight_format)
-        if problems:
-            raise WeightUpdateError("refused before loading: " + "; ".join(problems))
-        prepare({self.module_of.get(name) for name, _ in group} - {None})
-        self.model.load_weights(t for _, tensors in converted for t in tensors)
-        self.groups_loaded += 1
-        with stats.phase("visibility"):
-            for commit in commits:
-                commit()
+    def _stream(self, groups: Iterable[Group], prepare: Callable[[Iterable[str]], None], stats: SyncStats,
+                checked: TensorSet | None) -> Iterator[tuple[str, torch.Tensor]]:  # fmt: skip
+        """The engine tensors of each group, converted and checked before its modules are prepared; a group's
+        records are committed once vLLM's loader asks for the next group (it has taken all of this one's)."""
+        for group in groups:
+            converted, commits = [], []
+            with stats.phase("quantization"):
+                for name, tensor in group:
+                    tensors, commit = self.weight_format.convert_staged(name, tensor)
+                    if self.copy_unconverted:
+                        tensors = [(n, t.clone() if t is tensor else t) for n, t in tensors]
+                    skip = tensor if checked is not None and checked.holds(tensor) else None
+                    converted.append((name, [(n, t) for n, t in tensors if t is not skip], tensors))
+                    commits.append(commit)
+            with stats.phase("validation"):
+                problems = loaded_value_problems([(name, unchecked) for name, unchecked, _ in converted],
+                                                 self.weight_format)
+            if problems:
+                raise WeightUpdateError("refused before loading: " + "; ".join(problems))
+            prepare({self.module_of.get(name) for name, _ in group} - {None})
+            for _, _, tensors in converted:
+                yield from tensors
+            self.groups_loaded += 1
+            with stats.phase("visibility"):
+                for commit in commits:
+                    commit()
+
+
+class TensorSet:
+    """Tensors by identity, without keeping them alive (a tensor freed and another allocated at its address is not a
+    member): what validation saw, so the same objects need no second pass."""
+
+    def __init__(self):
+        self._refs: dict[int, weakref.ref] = {}
+
+    def add(self, tensor: torch.Tensor) -> None:
+        self._refs[id(tensor)] = weakref.ref(tensor)
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        ref = self._refs.get(id(tensor))
+        return ref is not None and ref() is tensor
 
 
 def loaded_value_problems(converted: Sequence[tuple[str, Sequence[tuple[str, torch.Tensor]]]],
@@ -243,6 +270,6 @@ def layer_groups(weights: Mapping[str, torch.Tensor], stats: SyncStats) -> Itera
             if hasattr(tensor, "full_tensor"):
                 tensor = tensor.full_tensor()
             stats.count(tensor)
-            group.append((name, tensor.detach()))
+            group.append((name, tensor.detach() if tensor.requires_grad else tensor))  # keeps validated identity
     if group:
         yield group
