@@ -24,12 +24,13 @@ def checkpoint_shapes(model_path: Path) -> dict[str, tuple[int, ...]]:
 
 def validate_weights(
     weights: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], strict: bool = True,
-    max_abs: Callable[[str], float] = lambda name: torch.finfo(torch.float32).max,
+    max_abs: Callable[[str], float] = lambda name: torch.finfo(torch.float32).max, checked=None,
 ) -> None:
     """Reject an update whose names, types, shapes, dtypes or values cannot be loaded, naming every offending tensor.
 
     ``max_abs(name)`` is the largest magnitude the engine can hold for that tensor (its dtype's range for a tensor
-    loaded as is: a float32 1e39 would become inf in bf16).
+    loaded as is: a float32 1e39 would become inf in bf16). ``checked`` (a ``reload.TensorSet``) receives the tensors
+    checked (all within range when this returns).
     """
     if not isinstance(weights, Mapping):
         raise WeightUpdateError(
@@ -44,14 +45,15 @@ def validate_weights(
     if missing:
         problems.append(f"missing tensors (strict update): {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     problems += tensor_problems(weights, expected, names=[name for name in weights if name in expected],
-                                max_abs=max_abs)
+                                max_abs=max_abs, checked=checked)
     if problems:
         raise WeightUpdateError("weight update rejected, engine weights unchanged:\n  " + "\n  ".join(problems))
 
 
 def tensor_problems(weights: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]] | None = None,
                     names: Iterable[str] | None = None,
-                    max_abs: Callable[[str], float] = lambda name: torch.finfo(torch.float32).max) -> list[str]:
+                    max_abs: Callable[[str], float] = lambda name: torch.finfo(torch.float32).max,
+                    checked=None) -> list[str]:
     """Why tensors cannot be loaded (not a tensor, no data, wrong shape or dtype, NaN/inf or out of range), one line
     per bad tensor.
 
@@ -73,6 +75,8 @@ def tensor_problems(weights: Mapping[str, torch.Tensor], expected: Mapping[str, 
             problems.append(f"{name}: dtype {tensor.dtype} is not one of {[str(d) for d in WEIGHT_DTYPES]}")
         else:
             local = local_tensor(tensor)
+            if checked is not None:  # by weak reference: any problem below refuses the whole update
+                checked.add(tensor)
             device_names, flags = in_range.setdefault(local.device, ([], []))
             device_names.append(name)
             flags.append(within_range(local, max_abs(name)))
