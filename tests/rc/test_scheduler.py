@@ -133,3 +133,31 @@ def test_real_engine_cycles(tiny_engine):
         assert f"### SUMMARY OF PREVIOUS ATTEMPT\n{summary_1}\n" in chain.turns[2].prompt
         assert chain.turns[3].prompt.endswith(chain.turns[2].text)
     assert sorted(graded) == [(str(i), t) for i in range(3) for t in (1, 2)]
+
+
+def test_a_token_id_engine_gets_the_ids_the_in_process_engine_would_render(tiny_model):
+    """With a ChatRenderer the scheduler sends token ids (verl's server manager takes ids), one request id per turn."""
+    from transformers import AutoTokenizer
+
+    from flash_rc.chat import ChatRenderer, prompt_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    seen = []
+
+    class TokenIdEngine:
+        async def agenerate(self, prompt, sampling, request_id=None):
+            assert all(isinstance(t, int) for t in prompt)
+            seen.append((request_id, prompt))
+            return [Completion(list(prompt), [5, 6], "text", [-0.5, -0.5], "stop", 0, 0)]
+
+    config = CycleConfig(num_cycles=1, max_retries=3, retry_base_delay=0.001)
+    short, too_long = ChainState(problem_id="p|1", sample_id=0, problem="What is 2 + 2?"), \
+        ChainState(problem_id="q", sample_id=0, problem="long " * 2000)
+    scheduler = CycleScheduler(TokenIdEngine(), config, render=ChatRenderer(tokenizer, max_model_len=1024))
+    asyncio.run(scheduler.run([short, too_long]))
+    assert short.status == "done" and [t.turn_type for t in short.turns] == ["reasoning", "summarization"]
+    assert [rid for rid, _ in seen] == ["p|1|0|reasoning|1|0", "p|1|0|summarization|1|0"]
+    reasoning_messages = [{"role": "user", "content": short.turns[0].prompt}]
+    assert seen[0][1] == prompt_token_ids(tokenizer, reasoning_messages)  # what RolloutEngine.encode renders
+    # a prompt longer than the context fails its chain at render time: never sent, never retried
+    assert too_long.status == "failed" and "PromptTooLongError" in too_long.error and len(seen) == 2
