@@ -107,12 +107,18 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def layer_key(name: str) -> tuple[int, str]:
-    """Sort key putting tensors of the same decoder layer together, embeddings first and the head last."""
+    """Sort key putting tensors of the same decoder layer together, in layer order, and every other tensor (final
+    norm, lm_head, embeddings) after the last layer.
+
+    Why embeddings last: vLLM's loader keeps the last tensor it saw for each module prefix until the stream ends, so
+    the first tensors of a stream stay alive through it; a small layer tensor there costs nothing, the embedding
+    (often the largest tensor) would stay in memory for the whole sync.
+    """
     parts = name.split(".")
     for i, part in enumerate(parts[:-1]):
         if part == "layers" and parts[i + 1].isdigit():
-            return (int(parts[i + 1]) + 1, name)
-    return (0 if "embed" in name else 1 << 30, name)
+            return (int(parts[i + 1]), name)
+    return (1 << 30, name)
 
 
 def stream_in_layer_order(weights: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:

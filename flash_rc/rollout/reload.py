@@ -193,27 +193,33 @@ class ModelReloader:
         """The engine tensors of each group, converted and checked before its modules are prepared; a group's
         records are committed once vLLM's loader asks for the next group (it has taken all of this one's)."""
         for group in groups:
-            converted, commits = [], []
-            with stats.phase("quantization"):
-                for name, tensor in group:
-                    tensors, commit = self.weight_format.convert_staged(name, tensor)
-                    if self.copy_unconverted:
-                        tensors = [(n, t.clone() if t is tensor else t) for n, t in tensors]
-                    skip = tensor if checked is not None and checked.holds(tensor) else None
-                    converted.append((name, [(n, t) for n, t in tensors if t is not skip], tensors))
-                    commits.append(commit)
-            with stats.phase("validation"):
-                problems = loaded_value_problems([(name, unchecked) for name, unchecked, _ in converted],
-                                                 self.weight_format)
-            if problems:
-                raise WeightUpdateError("refused before loading: " + "; ".join(problems))
+            converted, commits = self._convert(group, stats, checked)
             prepare({self.module_of.get(name) for name, _ in group} - {None})
-            for _, _, tensors in converted:
-                yield from tensors
+            yield from (tensor for tensors in converted for tensor in tensors)
             self.groups_loaded += 1
             with stats.phase("visibility"):
                 for commit in commits:
                     commit()
+            del group, converted, commits  # let this layer go before the next one is read: one layer in memory
+
+    def _convert(self, group: Group, stats: SyncStats, checked: TensorSet | None
+                 ) -> tuple[list[list[tuple[str, torch.Tensor]]], list[Callable[[], None]]]:  # fmt: skip
+        """The group's engine tensors and their commits, after checking what will be loaded (raises if refused)."""
+        converted, unchecked, commits = [], [], []
+        with stats.phase("quantization"):
+            for name, tensor in group:
+                tensors, commit = self.weight_format.convert_staged(name, tensor)
+                if self.copy_unconverted:
+                    tensors = [(n, t.clone() if t is tensor else t) for n, t in tensors]
+                skip = tensor if checked is not None and checked.holds(tensor) else None
+                converted.append(tensors)
+                unchecked.append((name, [(n, t) for n, t in tensors if t is not skip]))
+                commits.append(commit)
+        with stats.phase("validation"):
+            problems = loaded_value_problems(unchecked, self.weight_format)
+        if problems:
+            raise WeightUpdateError("refused before loading: " + "; ".join(problems))
+        return converted, commits
 
 
 class TensorSet:
@@ -255,7 +261,7 @@ def loaded_value_problems(converted: Sequence[tuple[str, Sequence[tuple[str, tor
 
 
 def layer_groups(weights: Mapping[str, torch.Tensor], stats: SyncStats) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """The update's tensors one decoder layer at a time, in layer order (embeddings first, the head last), each read
+    """The update's tensors one decoder layer at a time, in layer order (then norm, head and embeddings), each read
     or gathered (DTensors: ``full_tensor()``, which every rank must join in the same order) when its layer comes."""
     group: list[tuple[str, torch.Tensor]] = []
     current = None

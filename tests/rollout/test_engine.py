@@ -194,16 +194,16 @@ def test_stream_in_layer_order_gathers_lazily():
 
     weights = {
         "lm_head.weight": torch.zeros(2),
-        "model.layers.10.mlp.weight": torch.zeros(3),
-        "model.layers.2.attn.weight": torch.zeros(4).as_subclass(FakeDTensor),
+        "model.layers.10.mlp.weight": torch.zeros(3).as_subclass(FakeDTensor),
+        "model.layers.2.attn.weight": torch.zeros(4),
         "model.embed_tokens.weight": torch.zeros(5),
         "model.norm.weight": torch.zeros(6),
     }
-    stream = stream_in_layer_order(weights)
-    assert next(stream)[0] == "model.embed_tokens.weight" and gathered == []
+    stream = stream_in_layer_order(weights)  # decoder layers in order, then the rest (embeddings last: see layer_key)
+    assert next(stream)[0] == "model.layers.2.attn.weight" and gathered == []
     names = [name for name, _ in stream]
-    assert names == ["model.layers.2.attn.weight", "model.layers.10.mlp.weight", "lm_head.weight", "model.norm.weight"]
-    assert gathered == [torch.Size([4])]
+    assert names == ["model.layers.10.mlp.weight", "lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"]
+    assert gathered == [torch.Size([3])]
 
 
 def test_out_of_vocabulary_prompt_fails_alone(tiny_engine):

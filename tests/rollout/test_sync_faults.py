@@ -90,7 +90,7 @@ def test_partial_updates_of_whole_modules_are_exact(engine, tiny_model):
 def test_a_source_that_fails_midway_leaves_the_engine_serving_and_a_full_sync_restores_it(engine, tiny_model, where):
     weights = checkpoint_of(tiny_model)
     before = outputs(engine)
-    name = "model.embed_tokens.weight" if where == "first layer" else "model.layers.1.mlp.up_proj.weight"
+    name = "model.layers.0.input_layernorm.weight" if where == "first layer" else "model.layers.1.mlp.up_proj.weight"
 
     def learner_went_away():
         raise ConnectionError("learner went away")

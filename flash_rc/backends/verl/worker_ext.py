@@ -229,7 +229,7 @@ class _BucketSync:
                     self.buffers.append((name, tensor.clone()))
                 else:
                     group.append((name, tensor))
-            load(group)
+            load([group])  # one group per bucket
         except Exception as error:
             # Keep the message, not the exception: its traceback's frames hold views of the receiver's shared-memory
             # bucket, which the receiver must close before it acknowledges the last bucket. The traceback is logged.
