@@ -177,6 +177,18 @@ class ModelReloader:
                                 f" but not {missing}")
         return problems
 
+    def complete_modules(self, names: Iterable[str], everything: bool = False) -> tuple[list[str], list[str]]:
+        """``names`` split into those whose engine module has all its tensors among them (or that no module claims),
+        and those of modules still waiting for more; ``everything`` moves all to the first list (the stream ended)."""
+        names = list(names)
+        if everything:
+            return names, []
+        present = set(names)
+        waiting = [n for n in names
+                   if self.module_of.get(n) is not None and not self.members[self.module_of[n]] <= present]
+        held = set(waiting)
+        return [n for n in names if n not in held], waiting
+
     @contextlib.contextmanager
     def session(self, stats: SyncStats, checked: TensorSet | None = None
                 ) -> Iterator[Callable[[Iterable[Group]], None]]:  # fmt: skip

@@ -155,3 +155,14 @@ def test_kv_blocks_computed_from_bad_weights_are_never_reused(engine_slot, tiny_
     assert not all_finite(engine)
     sync(engine, weights)
     assert outputs(engine) == before and outputs(engine) == before  # the same prompt twice: no stale NaN block
+
+
+def test_bucketed_streams_load_each_module_whole(engine):
+    """verl's buckets are cut by size: tensors of a module split across two buckets wait for the rest of it."""
+    reloader = engine._reloader
+    first_bucket = ["model.norm.weight", *QKV_0[:3]]  # q weight + bias, k weight: qkv_proj is not complete yet
+    ready, waiting = reloader.complete_modules(first_bucket)
+    assert ready == ["model.norm.weight"] and waiting == QKV_0[:3]
+    ready, waiting = reloader.complete_modules(waiting + QKV_0[3:])
+    assert ready == QKV_0 and waiting == []
+    assert reloader.complete_modules(QKV_0[:1], everything=True) == (QKV_0[:1], [])  # the stream ended

@@ -152,14 +152,14 @@ class Int8RolloutWorkerExtension(vLLMColocateWorkerExtension):
             return super().update_weights_from_ipc(peft_config, base_sync_done, use_shm)
         reloader = self._flash_rc_reloader()
         model = reloader.model
-        sync = _BucketSync(reloader.weight_format, {name for name, _ in model.named_buffers()})
+        sync = _BucketSync(reloader, {name for name, _ in model.named_buffers()})
         receiver = BucketedWeightReceiver(zmq_handle=self._get_zmq_handle(), device=self.device, use_shm=use_shm)
         start = time.perf_counter()
         stats = SyncStats()
         try:
             with reloader.session(stats) as load:  # finalizes the modules it prepared, even after an error
                 receiver.receive_weights(
-                    on_bucket_received=lambda weights, is_last: sync.load_bucket(weights, load, stats))
+                    on_bucket_received=lambda weights, is_last: sync.load_bucket(weights, is_last, load, stats))
         except Exception as error:  # finalizing after a failed bucket (the bucket's error is the one reported)
             sync.error = sync.error or WeightSyncError(f"finishing the reload failed: {error}")
         if sync.error is not None:
@@ -204,32 +204,38 @@ class _BucketSync:
 
     Raising inside the receiver's callback would leave verl's sender blocked on its acknowledgement forever, so after
     an error the remaining buckets are received and dropped, and the error is raised once the transfer completed.
-    The receiver refills its bucket buffer for the next bucket: the reloader copies tensors it passes through
-    unconverted, and buffers are cloned here (applied after the reload, as verl's base class does).
+    verl's buckets are cut by size, so a fused module's tensors (q, k, v) may arrive in two buckets: tensors of a
+    module still incomplete at the end of a bucket are held back (copied: the receiver refills its bucket buffer) and
+    loaded with the bucket that completes it, so every module is loaded whole or not at all. Tensors passed through
+    unconverted are copied by the reloader, and buffers here (applied after the reload, as verl's base class does).
     """
 
-    def __init__(self, weight_format: WeightFormat, buffer_names: set[str]):
-        self.weight_format = weight_format
+    def __init__(self, reloader: ModelReloader, buffer_names: set[str]):
+        self.reloader = reloader
         self.buffer_names = buffer_names
         self.buffers: list[tuple[str, torch.Tensor]] = []
+        self.waiting: dict[str, torch.Tensor] = {}
         self.error: WeightSyncError | None = None
 
-    def load_bucket(self, weights: list[tuple[str, torch.Tensor]], load, stats: SyncStats) -> None:
+    def load_bucket(self, weights: list[tuple[str, torch.Tensor]], is_last: bool, load, stats: SyncStats) -> None:
         if self.error is not None:
             return
         try:
             with stats.phase("validation"):
-                problems = tensor_problems(dict(weights), max_abs=self.weight_format.max_abs)  # one host sync
+                problems = tensor_problems(dict(weights), max_abs=self.reloader.weight_format.max_abs)  # 1 host sync
             if problems:
                 raise WeightSyncError("; ".join(problems))
-            group = []
+            arrived = dict(self.waiting)
             for name, tensor in weights:
                 stats.count(tensor)
                 if name in self.buffer_names:
                     self.buffers.append((name, tensor.clone()))
                 else:
-                    group.append((name, tensor))
-            load([group])  # one group per bucket
+                    arrived[name] = tensor
+            ready, waiting = self.reloader.complete_modules(arrived, everything=is_last)
+            self.waiting = {name: arrived[name].clone() if name not in self.waiting else arrived[name]
+                            for name in waiting}
+            load([[(name, arrived[name]) for name in ready]])  # one group per bucket
         except Exception as error:
             # Keep the message, not the exception: its traceback's frames hold views of the receiver's shared-memory
             # bucket, which the receiver must close before it acknowledges the last bucket. The traceback is logged.
