@@ -3,6 +3,7 @@
     flash-rc data gsm8k    --input-dir ../shared/data/gsm8k --output-dir ~/data/gsm8k
     flash-rc data math     --input dapo-math-17k.parquet --output-dir ~/data/dapo --style dapo --dedup
     flash-rc data math     --input math_train.jsonl --output-dir data/train --style boxed --reasoning360 --name math
+    flash-rc data arithmetic --output-dir ~/data/arithmetic --operations add,sub --max-digits 2 --operands 2-3
     flash-rc data validate ~/data/gsm8k/train.parquet
 
 Why a CLI of its own: data prep runs once per dataset on a login node, before any GPU is involved, and its failures
@@ -10,8 +11,8 @@ Why a CLI of its own: data prep runs once per dataset on a login node, before an
 line on stderr (``flash_rc.cli.run_command``) with the exit statuses of ``flash_rc.errors``: 0 on success; 1 when the
 input data is bad (a malformed row, an unroutable data_source, a file that cannot be read or parsed, a corrupt
 parquet file); 2 on bad usage (an unknown option, a missing input file, ``--limit`` below 1, a ``--name`` that is not
-a plain file name); 3 when an output cannot be written (a path that is a directory or below a regular file, no
-permission, disk full).
+a plain file name, arithmetic settings that cannot be met); 3 when an output cannot be written (a path that is a
+directory or below a regular file, no permission, disk full).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 
 from flash_rc.cli import ArgumentParser, run_command
+from flash_rc.data.arithmetic import OPERATORS, ArithmeticConfig, prepare_arithmetic
 from flash_rc.data.gsm8k import prepare_gsm8k
 from flash_rc.data.math import prepare_math
 from flash_rc.data.rows import check_scorer, read_records, validate_row
@@ -50,9 +52,24 @@ def _parser() -> ArgumentParser:
     math.add_argument("--dedup", action="store_true", help="keep only the first row of each question")
     math.add_argument("--limit", type=int, help="stop after this many rows (at least 1)")
 
+    arithmetic = commands.add_parser("arithmetic", help="generated arithmetic problems -> train.parquet, test.parquet")
+    arithmetic.add_argument("--output-dir", type=Path, required=True)
+    arithmetic.add_argument("--operations", default="add", help=f"comma-separated, of {','.join(OPERATORS)}")
+    arithmetic.add_argument("--min-digits", type=int, default=1, help="digits per operand (1: 0-9, 2: 10-99, ...)")
+    arithmetic.add_argument("--max-digits", type=int, default=2)
+    arithmetic.add_argument("--operands", type=_operand_count_range, default=(2, 2), help="N or MIN-MAX, at least 2")
+    arithmetic.add_argument("--train-size", type=int, default=1000)
+    arithmetic.add_argument("--test-size", type=int, default=100)
+    arithmetic.add_argument("--seed", type=int, default=0)
+
     validate = commands.add_parser("validate", help="check parquet files against the row schema and the router")
     validate.add_argument("paths", type=Path, nargs="+")
     return parser
+
+
+def _operand_count_range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition("-")
+    return int(low), int(high or low)
 
 
 def _gsm8k(args) -> None:
@@ -70,6 +87,13 @@ def _math(args) -> None:
     print(f"wrote {path}")
 
 
+def _arithmetic(args) -> None:
+    config = ArithmeticConfig(args.operations, args.min_digits, args.max_digits, *args.operands,
+                              args.train_size, args.test_size, args.seed)
+    for split, path in prepare_arithmetic(config, args.output_dir).items():
+        print(f"wrote {path} ({split})")
+
+
 def _validate(args) -> None:
     for path in args.paths:
         count = 0
@@ -80,7 +104,7 @@ def _validate(args) -> None:
         print(f"{path}: {count} rows OK")
 
 
-COMMANDS = {"gsm8k": _gsm8k, "math": _math, "validate": _validate}
+COMMANDS = {"gsm8k": _gsm8k, "math": _math, "arithmetic": _arithmetic, "validate": _validate}
 
 
 def _run(argv: list[str]) -> int:

@@ -9,7 +9,8 @@ Routing, first match wins:
 1. routes added with ``register_scorer`` (exact names, then prefixes);
 2. verl's names: ``openai/gsm8k`` -> gsm8k; ``math_dapo``, ``math``, ``math_dapo_reasoning``, ``aime*`` -> math_dapo;
    ``lighteval/MATH``, ``DigitalLearningGmbH/MATH-lighteval``, ``HuggingFaceH4/MATH-500`` -> math (math-verify);
-   ``codecontests``, ``apps``, ``codeforces``, ``taco`` -> code_tests;
+   ``codecontests``, ``apps``, ``codeforces``, ``taco`` -> code_tests; ``arithmetic`` (``flash-rc data arithmetic``)
+   -> arithmetic;
 3. Reasoning360 prefixes: ``math__*`` -> math (or math_dapo when ``extra_info["reward_metric"] == "math_dapo"``),
    ``codegen__*`` -> code_tests.
 Anything else raises ``UnknownDataSourceError`` before any work is queued.
@@ -44,6 +45,7 @@ GSM8K = ScorerRoute("flash_rc.rewards.gsm8k:compute_score", timeout_s=2.0)
 MATH_DAPO = ScorerRoute("flash_rc.rewards.math_dapo:compute_score", timeout_s=2.0)
 MATH = ScorerRoute("flash_rc.rewards.math:compute_score", timeout_s=15.0)
 CODE_TESTS = ScorerRoute("flash_rc.rewards.code_tests:compute_score", timeout_s=30.0)
+ARITHMETIC = ScorerRoute("flash_rc.rewards.arithmetic:compute_score", timeout_s=2.0)
 
 # RC decoding's per-turn grader, any dataset: the last \boxed{} answer (what RC's prompts ask for), else GSM8K's
 # "#### n", judged by math-verify.
@@ -55,6 +57,7 @@ _BUILTIN_EXACT = {
     "math_dapo": MATH_DAPO, "math": MATH_DAPO, "math_dapo_reasoning": MATH_DAPO,
     "lighteval/MATH": MATH, "DigitalLearningGmbH/MATH-lighteval": MATH, "HuggingFaceH4/MATH-500": MATH,
     "codecontests": CODE_TESTS, "apps": CODE_TESTS, "codeforces": CODE_TESTS, "taco": CODE_TESTS,
+    "arithmetic": ARITHMETIC,
 }
 _BUILTIN_PREFIXES = {"aime": MATH_DAPO, "math__": MATH, "codegen__": CODE_TESTS}
 _MATH_METRICS = {None: MATH, "default": MATH, "naive_dapo": MATH, "math_verify": MATH, "prime_math": MATH,
