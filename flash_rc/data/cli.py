@@ -68,8 +68,9 @@ def _parser() -> ArgumentParser:
 
 
 def _operand_count_range(text: str) -> tuple[int, int]:
-    low, _, high = text.partition("-")
-    return int(low), int(high or low)
+    """``"2"`` -> (2, 2), ``"2-3"`` -> (2, 3); anything else is a ValueError, which argparse reports as usage."""
+    low, dash, high = text.partition("-")
+    return int(low), int(high) if dash else int(low)
 
 
 def _gsm8k(args) -> None:
