@@ -268,13 +268,20 @@ def _code_bits(codes: torch.Tensor, name: str) -> torch.Tensor:
     raise ValueError(f"{name}: expected int8 or float8_e4m3fn codes, got {codes.dtype}")
 
 
+def check_update(old_codes: torch.Tensor, new_codes: torch.Tensor, *values: torch.Tensor) -> None:
+    """Raise ValueError unless two syncs' codes (and their float values) can be compared: one shape, one code dtype.
+    Reads no data."""
+    _check_same({"old_codes": old_codes, "new_codes": new_codes,
+                 **{f"values[{i}]": value for i, value in enumerate(values)}})
+    if _code_bits(old_codes, "old_codes").dtype != _code_bits(new_codes, "new_codes").dtype:
+        raise ValueError(f"old_codes and new_codes differ in dtype: {old_codes.dtype} vs {new_codes.dtype}")
+
+
 def count_changed_codes(old_codes: torch.Tensor, new_codes: torch.Tensor) -> int:
     """How many quantized codes (int8 or fp8) changed value between two syncs, compared as bytes. For FP8,
     +0 (0x00) ↔ −0 (0x80) is not a change: the engine sees 0 both times."""
-    _check_same({"old_codes": old_codes, "new_codes": new_codes})
+    check_update(old_codes, new_codes)
     old, new = _code_bits(old_codes, "old_codes"), _code_bits(new_codes, "new_codes")
-    if old.dtype != new.dtype:
-        raise ValueError(f"old_codes and new_codes differ in dtype: {old_codes.dtype} vs {new_codes.dtype}")
     changed = old != new
     if old.dtype == torch.uint8:
         changed &= (old | new) != 0x80  # the pair {0x00, 0x80} is ±0

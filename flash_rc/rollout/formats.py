@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from flash_rc.algo.quant import FP8_BLOCK_SIZE, count_changed_codes, update_sums
+from flash_rc.algo.quant import FP8_BLOCK_SIZE, check_update, count_changed_codes, update_sums
 from flash_rc.kernels.quant import quantize_fp8, quantize_int8_per_channel  # Triton on CUDA, the reference elsewhere
 from flash_rc.types import FP8Granularity, Precision, ScaleMode
 
@@ -77,30 +77,27 @@ class UpdateVisibility:
       updates are far below the quantization step: the few codes that flip move a whole step.
     """
 
-    changed_codes: int = 0
-    sampled_codes: int = 0
-    update_sq: float = 0.0
-    received_dot: float = 0.0
-    error_sq: float = 0.0
+    pending: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+    """Per tensor: (old codes, new codes, old weight, new weight, old dequant, new dequant) of its sampled rows,
+    flattened. Summed once in :meth:`metrics` (a handful of reductions and host syncs per sync, not per tensor)."""
 
     def add(self, old_codes, new_codes, old_weight, new_weight, old_dequant, new_dequant) -> None:
-        """Account one tensor's (or sampled rows') change between two syncs."""
-        self.changed_codes += count_changed_codes(old_codes, new_codes)
-        self.sampled_codes += old_codes.numel()
-        update_sq, received_dot, error_sq = update_sums(old_weight, new_weight, old_dequant, new_dequant)
-        self.update_sq += update_sq
-        self.received_dot += received_dot
-        self.error_sq += error_sq
+        """Account one tensor's (or sampled rows') change between two syncs (checked now, summed in metrics)."""
+        check_update(old_codes, new_codes, old_weight, new_weight, old_dequant, new_dequant)
+        self.pending.append(tuple(t.reshape(-1) for t in (old_codes, new_codes, old_weight, new_weight, old_dequant,
+                                                            new_dequant)))
 
     def metrics(self) -> dict[str, float]:
-        if self.sampled_codes == 0:
+        if not self.pending:
             return {}
-        metrics = {"sync/codes_changed_fraction": self.changed_codes / self.sampled_codes,
-                   "sync/update_norm_sampled": self.update_sq**0.5}
-        if self.update_sq > 0:
-            received = self.received_dot / self.update_sq
+        old_codes, new_codes, *values = (torch.cat(column) for column in zip(*self.pending))
+        update_sq, received_dot, error_sq = update_sums(*values)
+        metrics = {"sync/codes_changed_fraction": count_changed_codes(old_codes, new_codes) / old_codes.numel(),
+                   "sync/update_norm_sampled": update_sq**0.5}
+        if update_sq > 0:
+            received = received_dot / update_sq
             metrics["sync/update_lost_fraction"] = min(1.0, max(0.0, 1.0 - received))
-            metrics["sync/update_relative_error"] = (self.error_sq / self.update_sq) ** 0.5
+            metrics["sync/update_relative_error"] = (error_sq / update_sq) ** 0.5
         return metrics
 
 
