@@ -35,7 +35,7 @@ from flash_rc.outputs import describe_os_error
 
 SUBCOMMANDS = {
     "decode": ("flash_rc.rc.decode", "RC decoding over a problem file, accuracy per cycle"),
-    "data": ("flash_rc.data.cli", "convert GSM8K / math datasets to verl parquet rows, validate files"),
+    "data": ("flash_rc.data.cli", "GSM8K / math / built-in arithmetic data as verl parquet rows, validate files"),
     "models": ("flash_rc.models", "build / list the offline built-in models"),
     "quantize": ("flash_rc.rollout.checkpoint", "export an INT8/FP8 compressed-tensors W8A8 checkpoint from bf16"),
 }
