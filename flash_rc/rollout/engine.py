@@ -283,9 +283,9 @@ class RolloutEngine:
             self._llm.apply_model(reload)
         except Exception as error:
             self.weight_format.take_visibility()
-            self._kv_may_be_stale = True
             if self._reloader.groups_loaded == 0 and isinstance(error, WeightUpdateError):
                 raise WeightUpdateError(f"weight update {error}; engine weights unchanged") from error
+            self._kv_may_be_stale = True  # a module may hold what vLLM was midway through loading
             self._model_version += 1  # some layers hold the new weights
             self._engine.reset_prefix_cache(reset_running_requests=inflight == "recompute")
             raise WeightUpdateError(
