@@ -23,7 +23,7 @@ import time
 
 from flash_rc.rc.scheduler import CycleConfig, CycleScheduler
 from flash_rc.rc.state import ChainState
-from flash_rc.rollout.engine import Completion
+from flash_rc.types import Completion
 
 
 class SimulatedEngine:

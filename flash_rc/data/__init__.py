@@ -1,1 +1,2 @@
-"""Data prep: local datasets -> verl-schema RL parquet files (``flash-rc data``, see ``cli.py``)."""
+"""Data: the problem reader (``problems.py``) and data prep, local datasets -> verl-schema RL parquet files
+(``flash-rc data``, see ``cli.py``)."""

@@ -1,1 +1,1 @@
-"""Reasoning Cache: prompts, chain state, the async cycle scheduler and ``flash-rc decode``."""
+"""Reasoning Cache: prompts, chain state, the async cycle scheduler, per-turn grading and ``flash-rc decode``."""

@@ -1,1 +1,2 @@
-"""Rollout side: the vLLM engine wrapper, weight formats and quantizers, the weight-sync hook."""
+"""Rollout side: the engine config, the vLLM engine wrapper, engine weight formats, the one reload path and the
+weight-sync hook (the quantizer references live in ``flash_rc.algo.quant``)."""

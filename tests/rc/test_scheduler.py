@@ -9,7 +9,7 @@ import pytest
 
 from flash_rc.rc.scheduler import CycleConfig, CycleScheduler, turn_seed
 from flash_rc.rc.state import ChainState
-from flash_rc.rollout.engine import Completion, SamplingConfig
+from flash_rc.types import Completion, SamplingConfig
 
 
 class ScriptedEngine:
