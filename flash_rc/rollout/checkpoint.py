@@ -124,10 +124,16 @@ def layer_key(name: str) -> tuple[int, str]:
 def stream_in_layer_order(weights: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, full tensor)`` one at a time in decoder-layer order, gathering DTensors lazily."""
     for name in sorted(weights, key=layer_key):
-        tensor = weights[name]
-        if hasattr(tensor, "full_tensor"):
-            tensor = tensor.full_tensor()
-        yield name, tensor.detach()
+        yield name, full_tensor(weights[name])
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor, without autograd history: a DTensor is gathered (``full_tensor()``, which every rank must
+    join in the same order); a tensor that needs no detaching is returned as the very object given, so checks keyed
+    by identity (``reload.TensorSet``) still recognise it."""
+    if hasattr(tensor, "full_tensor"):
+        tensor = tensor.full_tensor()
+    return tensor.detach() if tensor.requires_grad else tensor
 
 
 class CheckpointTensors(Mapping):

@@ -22,6 +22,7 @@ A partial update must feed each module all of its tensors (q, k and v together: 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -32,7 +33,7 @@ import torch
 
 from flash_rc.errors import WeightUpdateError
 from flash_rc.rollout import vllm_compat
-from flash_rc.rollout.checkpoint import layer_key, within_range
+from flash_rc.rollout.checkpoint import full_tensor, layer_key, within_range
 from flash_rc.rollout.formats import WeightFormat
 
 Group = Sequence[tuple[str, torch.Tensor]]
@@ -273,21 +274,14 @@ def loaded_value_problems(converted: Sequence[tuple[str, Sequence[tuple[str, tor
 
 
 def layer_groups(weights: Mapping[str, torch.Tensor], stats: SyncStats) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """The update's tensors one decoder layer at a time, in layer order (then norm, head and embeddings), each read
-    or gathered (DTensors: ``full_tensor()``, which every rank must join in the same order) when its layer comes."""
-    group: list[tuple[str, torch.Tensor]] = []
-    current = None
-    for name in sorted(weights, key=layer_key):
-        key = layer_key(name)[0]
-        if group and key != current:
-            yield group
-            group = []
-        current = key
-        with stats.phase("transfer"):
-            tensor = weights[name]
-            if hasattr(tensor, "full_tensor"):
-                tensor = tensor.full_tensor()
+    """The update's tensors one decoder layer at a time, in ``layer_key`` order (layers, then norm, head and
+    embeddings), each read or gathered (:func:`~flash_rc.rollout.checkpoint.full_tensor`) only when its layer comes:
+    names are grouped before any tensor is read, so no tensor of the next layer is held early."""
+    for _, names in itertools.groupby(sorted(weights, key=layer_key), key=lambda name: layer_key(name)[0]):
+        group = []
+        for name in names:
+            with stats.phase("transfer"):
+                tensor = full_tensor(weights[name])
             stats.count(tensor)
-            group.append((name, tensor.detach() if tensor.requires_grad else tensor))  # keeps validated identity
-    if group:
+            group.append((name, tensor))
         yield group
