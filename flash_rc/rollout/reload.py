@@ -33,7 +33,7 @@ import torch
 
 from flash_rc.errors import WeightUpdateError
 from flash_rc.rollout import vllm_compat
-from flash_rc.rollout.checkpoint import full_tensor, layer_key, within_range
+from flash_rc.rollout.checkpoint import full_tensor, layer_key, local_tensor, within_range
 from flash_rc.rollout.formats import WeightFormat
 
 Group = Sequence[tuple[str, torch.Tensor]]
@@ -139,7 +139,7 @@ def named_weights(source: WeightSource, checkpoint_names: Iterable[str] = ()) ->
 
 
 def _storage_key(tensor: torch.Tensor) -> tuple:
-    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    local = local_tensor(tensor)
     return (local.device, local.untyped_storage().data_ptr(), local.storage_offset())
 
 
