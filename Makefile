@@ -69,7 +69,7 @@ test-verl: verl-env
 	$(MAKE) --no-print-directory PYTEST=.venv-verl/bin/pytest run-verl-tests
 
 run-verl-tests:
-	$(call run_pytest,-m verl -q tests/backends/verl tests/rewards/test_verl_parity.py)
+	$(call run_pytest,-m verl -q tests/backends/verl tests/rewards/test_verl_parity.py tests/algo/test_verl_parity.py)
 
 bench: install
 	$(BIN)/python bench/rc_scheduler.py

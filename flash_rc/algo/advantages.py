@@ -1,4 +1,4 @@
-"""Outcome advantages: GRPO group baselines, DAPO dynamic-sampling filter and DAPO overlong reward shaping.
+"""Outcome advantages: GRPO and RLOO group baselines, DAPO dynamic-sampling filter and DAPO overlong reward shaping.
 
 Why this exists. flash_rc trains with outcome rewards (one scalar per response), so advantages come from comparing a
 response with its siblings. In plain GRPO a group is "all samples of one prompt"; with Reasoning Cache a fair comparison
@@ -7,6 +7,9 @@ is between continuations of the *same summary* of the same problem, so group ids
 
     GRPO:   A_i = (R_i − mean_{g(i)} R) / (std_{g(i)} R + eps)     (norm_by_std; std is unbiased, as in verl)
             A_i =  R_i − mean_{g(i)} R                             (Dr. GRPO: norm_by_std=False)
+    RLOO:   A_i = n/(n−1) · (R_i − mean_{g(i)} R) = R_i − mean_{g(i)∖{i}} R    (n = |g(i)| > 1: leave-one-out baseline)
+            A_i = 0 for a singleton group (no baseline). verl 0.9.1's compute_rloo_outcome_advantage leaves the raw
+            score there instead; its compute_rloo_vectorized_outcome_advantage gives 0, as here.
     DAPO dynamic sampling: drop every group whose metric (accuracy) is identical for all members — its advantages are
             all zero, so it only dilutes the batch. Singleton groups are all-equal by definition and are dropped.
     DAPO overlong shaping:  r_overlong(L) = min(−(L − (L_max − L_buf)) / L_buf · penalty_factor, 0)
@@ -88,16 +91,24 @@ def _group_sum(values: torch.Tensor, codes: torch.Tensor, num_groups: int) -> to
     return values.new_zeros(num_groups).index_add_(0, codes, values)
 
 
-def grpo_advantages(
-    scores: torch.Tensor, group_ids: Sequence[Hashable], config: GRPOConfig = GRPOConfig()
-) -> torch.Tensor:
-    """Per-response GRPO advantages for 1-D `scores` grouped by `group_ids` (see the module docstring)."""
+def _group_centered(
+    scores: torch.Tensor, group_ids: Sequence[Hashable]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """R_i − mean_{g(i)} R per response, each response's group code, and the member count of each group."""
     _check_scores(scores, "scores")
     codes, num_groups = group_codes(group_ids, scores.numel())
     codes = codes.to(scores.device)
     counts = _group_sum(torch.ones_like(scores), codes, num_groups)
     means = _group_sum(scores, codes, num_groups) / counts
-    centered = scores - means[codes]
+    return scores - means[codes], codes, counts
+
+
+def grpo_advantages(
+    scores: torch.Tensor, group_ids: Sequence[Hashable], config: GRPOConfig = GRPOConfig()
+) -> torch.Tensor:
+    """Per-response GRPO advantages for 1-D `scores` grouped by `group_ids` (see the module docstring)."""
+    centered, codes, counts = _group_centered(scores, group_ids)
+    num_groups = counts.numel()
     # Two-pass unbiased variance; singletons get std 1 (their centered value is handled below).
     variances = _group_sum(centered.square(), codes, num_groups) / (counts - 1).clamp_min(1)
     stds = torch.where(counts > 1, variances.sqrt(), torch.ones_like(variances))
@@ -107,6 +118,14 @@ def grpo_advantages(
         return torch.where(singleton, torch.zeros_like(advantages), advantages)
     raw = scores / (1.0 + config.eps) if config.norm_by_std else scores
     return torch.where(singleton, raw, advantages)
+
+
+def rloo_advantages(scores: torch.Tensor, group_ids: Sequence[Hashable]) -> torch.Tensor:
+    """Per-response RLOO advantages for 1-D `scores` grouped by `group_ids`: each response's reward minus the mean of
+    its siblings' rewards; 0 for a singleton group (see the module docstring)."""
+    centered, codes, counts = _group_centered(scores, group_ids)
+    members = counts[codes]
+    return torch.where(members > 1, centered * members / (members - 1).clamp_min(1), torch.zeros_like(centered))
 
 
 def dapo_keep_mask(metric: torch.Tensor, group_ids: Sequence[Hashable]) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""GRPO group advantages, DAPO dynamic-sampling filter and overlong shaping (flash_rc/algo/advantages.py)."""
+"""GRPO and RLOO group advantages, DAPO dynamic-sampling filter and overlong shaping (flash_rc/algo/advantages.py)."""
 
 import math
 
@@ -12,6 +12,7 @@ from flash_rc.algo.advantages import (
     dapo_keep_mask,
     grpo_advantages,
     overlong_penalty,
+    rloo_advantages,
 )
 
 # RC groups by (problem, summary): problem 7 has two summaries; ("p9", 0) is a singleton.
@@ -50,6 +51,29 @@ def test_grpo_rejects_bad_input():
         grpo_advantages(torch.tensor([1.0, float("nan")]), ["a", "a"])
     with pytest.raises(ValueError, match="1-D floating"):
         grpo_advantages(torch.tensor([1, 0]), ["a", "a"])
+
+
+def test_rloo_hand_worked():
+    # Group (7, s0): scores 1, 0, 1, 0 → a correct response's siblings average 1/3 → 1 − 1/3 = 2/3, a wrong one's
+    # average 2/3 → −2/3 (= 4/3 · ±0.5). (7, s1): all equal → 0. The singleton has no siblings → 0 (verl's
+    # compute_rloo_outcome_advantage would leave its raw score 1 there).
+    advantages = rloo_advantages(SCORES, GROUP_IDS)
+    torch.testing.assert_close(advantages, torch.tensor([2 / 3, -2 / 3, 2 / 3, -2 / 3, 0.0, 0.0, 0.0]))
+
+
+def test_rloo_is_reward_minus_mean_of_the_others_in_any_order():
+    # Interleaved uids; group b = (3, 1, 2): 3 − 1.5 = 1.5, 1 − 2.5 = −1.5, 2 − 2 = 0; group a = (4, 0): ±4.
+    uids = np.array(["b", "a", "b", "a", "b"])
+    advantages = rloo_advantages(torch.tensor([3.0, 4.0, 1.0, 0.0, 2.0], dtype=torch.float64), uids)
+    torch.testing.assert_close(advantages, torch.tensor([1.5, 4.0, -1.5, -4.0, 0.0], dtype=torch.float64))
+    assert advantages.dtype == torch.float64
+
+
+def test_rloo_rejects_bad_input():
+    with pytest.raises(ValueError, match="group_ids has 1 entries"):
+        rloo_advantages(torch.tensor([1.0, 0.0]), ["a"])
+    with pytest.raises(ValueError, match="response 0 has inf"):
+        rloo_advantages(torch.tensor([float("inf"), 0.0]), ["a", "a"])
 
 
 def test_dapo_filter_drops_all_equal_groups_and_singletons():
