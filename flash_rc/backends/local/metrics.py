@@ -188,7 +188,7 @@ class MetricsLogger:
         self._fd: int | None = None
 
         with atomic_write(self.metrics_path, "w") as handle:
-            handle.write(_records_up_to(self.metrics_path, self.last_step))
+            handle.write("" if resume_step is None else _records_up_to(self.metrics_path, resume_step))
         try:
             self._fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND)
         except OSError as error:

@@ -86,6 +86,8 @@ def test_resume_refuses_a_corrupt_line_before_the_last(tmp_path):
     with pytest.raises(RowError, match="metrics.jsonl line 2"):
         make_logger(tmp_path, resume_step=2)
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\nnot json\n{"step": 2}\n'  # left untouched
+    make_logger(tmp_path).close()  # a fresh run does not read the old record, it replaces it
+    assert read_records(tmp_path) == []
 
 
 def test_console_line_shows_the_key_metrics_in_fixed_formats():
