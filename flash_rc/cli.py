@@ -34,6 +34,7 @@ from flash_rc.errors import EXIT_OUTPUT, EXIT_USAGE, ConfigError, FlashRCError
 from flash_rc.outputs import describe_os_error
 
 SUBCOMMANDS = {
+    "train": ("flash_rc.backends.local.trainer", "RL training on one node: quantized rollouts, TIS, FSDP2 learner"),
     "decode": ("flash_rc.rc.decode", "RC decoding over a problem file, accuracy per cycle"),
     "data": ("flash_rc.data.cli", "GSM8K / math / built-in arithmetic data as verl parquet rows, validate files"),
     "models": ("flash_rc.models", "build / list the offline built-in models"),
@@ -111,7 +112,7 @@ def _subcommand_main(command: str) -> Callable[[list[str]], int]:
     return lambda argv: importlib.import_module(SUBCOMMANDS[command][0]).main(argv)
 
 
-ENGINE_COMMANDS = frozenset({"decode"})
+ENGINE_COMMANDS = frozenset({"decode", "train"})
 """Subcommands that run a rollout engine: as a process's entry point they re-execute once with the libraries of
 ``flash_rc.launch`` preloaded."""
 

@@ -229,7 +229,8 @@ class RolloutEngine:
         """Number of weight updates applied so far (0 = the weights the engine started with)."""
         return self._model_version
 
-    def load(self, source: WeightSource, strict: bool = True, inflight: InflightUpdate | None = None) -> SyncReport:
+    def load(self, source: WeightSource, strict: bool = True, inflight: InflightUpdate | None = None,
+             stats: SyncStats | None = None) -> SyncReport:
         """Push new weights (HF checkpoint names) into the running engine in place: the :class:`WeightSink` contract.
 
         ``source`` is a state dict, ``(name, tensor)`` pairs or the learner module (plain or FSDP2). Names, types,
@@ -239,9 +240,11 @@ class RolloutEngine:
         engine keeps serving the old version. Tensors are then streamed one decoder layer at a time (DTensors
         gathered lazily per tensor), converted to the engine's format, checked again as they will be loaded, and
         reloaded: peak extra memory is about one layer. ``inflight`` overrides ``EngineConfig.inflight_update``.
+        ``stats`` lets the caller follow the stream: ``stats.tensors`` counts the tensors read (gathered) so far, also
+        when the sync fails (a distributed learner's other ranks must finish the gathers the stream did not make).
         """
         start = time.perf_counter()
-        stats = SyncStats()
+        stats = SyncStats() if stats is None else stats
         weights = named_weights(source, self.checkpoint_shapes)
         inflight = inflight or self.config.inflight_update
         future: concurrent.futures.Future = concurrent.futures.Future()

@@ -206,6 +206,28 @@ _BENIGN_WARNINGS = {
 }
 
 
+def join_distributed_world(local_rank: int) -> None:
+    """Create vLLM's process groups on every rank of an initialized ``torch.distributed`` world (collective).
+
+    Why: an in-process engine started inside a torchrun world builds its groups with ``torch.distributed.new_group``
+    over the *whole* world, which every rank must join, so an engine on rank 0 alone would wait forever for the
+    others. Every rank calls this first (tensor and pipeline parallel size 1: each engine is its own group), and the
+    engines then find the groups made. Idempotent.
+    """
+    configure_process()
+    import torch.distributed as dist
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        return
+    backend = dist.get_backend()
+    parallel_state.init_distributed_environment(world_size=dist.get_world_size(), rank=dist.get_rank(),
+                                                local_rank=local_rank, backend=backend)
+    with set_current_vllm_config(VllmConfig()):
+        parallel_state.initialize_model_parallel(1, 1, backend=backend)
+
+
 def configure_process() -> None:
     """Process settings an in-process engine needs, applied when one starts (never at import: importing flash_rc
     must not change the environment of a process that only scores or trains).

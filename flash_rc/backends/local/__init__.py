@@ -1,1 +1,2 @@
-"""The single-node training loop (not implemented yet: a later issue)."""
+"""The single-node backend: ``flash-rc train`` (trainer), its recipe schema, rollout sources, checkpoints and
+metrics."""

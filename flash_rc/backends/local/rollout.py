@@ -1,0 +1,238 @@
+"""Where a training step's sequences come from: plain outcome-RL rollouts (GRPO / RLOO, DAPO's options).
+
+Why a source object: the loop asks ``source.collect(step)`` for a list of :class:`~flash_rc.learner.batch.
+TrainSequence` and the step's rollout metrics, and does not care how they were made. :class:`OutcomeRollout` samples
+``rollout.n`` responses per prompt on the engine, scores them through the reward router, and turns rewards into
+advantages; RC training replaces it with a source that runs reason → summarize chains.
+
+One collection:
+
+1. draw ``data.train_batch_size`` prompts; sample ``n`` responses per prompt on the engine (per-request seeds derived
+   from ``flash_rc.train.rollout_seed``, the step, the generation batch and the prompt: a resumed run samples what an
+   uninterrupted one would); a request the engine fails drops its group and is counted;
+2. score every response by its row's ``data_source`` in the reward pool: a scorer that times out or crashes scores 0
+   (``reward/failed``), never stopping the step;
+3. add DAPO's overlong penalty when on; advantages per group (GRPO or RLOO);
+4. with ``algorithm.filter_groups.enable`` (DAPO dynamic sampling), keep only groups whose metric differs between
+   samples and draw further generation batches until ``train_batch_size`` groups are kept or
+   ``max_num_gen_batches`` is reached (then the step trains on the groups it has: reported, not fatal).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from flash_rc.algo.advantages import (
+    GRPOConfig,
+    OverlongConfig,
+    dapo_keep_mask,
+    grpo_advantages,
+    overlong_penalty,
+    rloo_advantages,
+)
+from flash_rc.data.prompts import PromptSampler, TrainPrompt
+from flash_rc.learner.batch import TrainSequence
+from flash_rc.rewards.router import score_batch
+from flash_rc.rewards.types import ScoreRequest
+from flash_rc.types import Completion, SamplingConfig
+
+
+@dataclass
+class RolloutBatch:
+    """A step's training sequences (groups kept whole, in order) and the rollout's metrics."""
+
+    sequences: list[TrainSequence]
+    metrics: dict[str, float] = field(default_factory=dict)
+    generated_tokens: int = 0
+
+
+class RolloutSource(Protocol):
+    """What the loop trains on; its state is saved in every checkpoint."""
+
+    def collect(self, step: int) -> RolloutBatch: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass(frozen=True)
+class OutcomeSettings:
+    """The recipe keys an outcome rollout reads."""
+
+    train_batch_size: int
+    n: int
+    temperature: float
+    max_response_length: int
+    adv_estimator: str
+    norm_adv_by_std: bool
+    filter_groups: bool
+    filter_metric: str
+    max_num_gen_batches: int
+    overlong: OverlongConfig | None
+    rollout_seed: int
+
+
+def request_seed(*parts: object) -> int:
+    """A stable 31-bit sampling seed from any parts (blake2b of their text; Python's hash() is salted per process)."""
+    digest = hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def sample_prompts(engine, prompts: Sequence[TrainPrompt], sampling: SamplingConfig, seeds: Sequence[int | None]
+                   ) -> list[list[Completion] | BaseException]:  # fmt: skip
+    """``sampling.n`` completions per prompt, all requests in flight together; a failed request gives its error."""
+    futures = []
+    for prompt, seed in zip(prompts, seeds):
+        request = SamplingConfig(**{**vars(sampling), "seed": seed})
+        futures.append(engine.submit(list(prompt.prompt_token_ids), request, request_id=prompt.uid))
+    results: list[list[Completion] | BaseException] = []
+    for future in futures:
+        try:
+            results.append(future.result())
+        except Exception as error:  # noqa: BLE001 - one failed request must not stop the step
+            results.append(error)
+    return results
+
+
+def score_completions(prompts: Sequence[TrainPrompt], completions: Sequence[Sequence[Completion]]
+                      ) -> list[list[dict]]:  # fmt: skip
+    """The reward result of every completion (router + pool: time-limited, failures score 0)."""
+    requests = [ScoreRequest(p.data_source, c.text, p.ground_truth, p.extra_info)
+                for p, group in zip(prompts, completions) for c in group]
+    results = iter(score_batch(requests))
+    return [[next(results) for _ in group] for group in completions]
+
+
+def length_metrics(prefix: str, lengths: Sequence[int], limit: int) -> dict[str, float]:
+    values = torch.tensor(lengths or [0], dtype=torch.float64)
+    return {f"{prefix}/mean": float(values.mean()), f"{prefix}/max": float(values.max()),
+            f"{prefix}/min": float(values.min()),
+            f"{prefix}/clip_ratio": float((values >= limit).double().mean()) if lengths else 0.0}
+
+
+def _stats(prefix: str, values: torch.Tensor) -> dict[str, float]:
+    if values.numel() == 0:
+        return {f"{prefix}/mean": 0.0, f"{prefix}/max": 0.0, f"{prefix}/min": 0.0}
+    return {f"{prefix}/mean": float(values.mean()), f"{prefix}/max": float(values.max()),
+            f"{prefix}/min": float(values.min())}
+
+
+class OutcomeRollout:
+    """GRPO / RLOO rollouts with DAPO's dynamic sampling and overlong shaping (see the module docstring)."""
+
+    def __init__(self, engine, sampler: PromptSampler, settings: OutcomeSettings):
+        self.engine = engine
+        self.sampler = sampler
+        self.settings = settings
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+
+    def collect(self, step: int) -> RolloutBatch:
+        s = self.settings
+        sampling = SamplingConfig(max_tokens=s.max_response_length, n=s.n, temperature=s.temperature)
+        kept: list[tuple[TrainPrompt, list[Completion], list[dict], torch.Tensor, torch.Tensor]] = []
+        reasons: Counter[str] = Counter()
+        all_scores, all_lengths, all_penalties, all_acc = [], [], [], []
+        failed_requests = gen_batches = groups_seen = 0
+        generated = 0
+        started = time.perf_counter()
+        scoring_seconds = 0.0
+        while True:
+            prompts = self.sampler.next_batch()
+            seeds = [request_seed(s.rollout_seed, step, gen_batches, p.uid) for p in prompts]
+            gen_batches += 1
+            outputs = sample_prompts(self.engine, prompts, sampling, seeds)
+            served = [(p, o) for p, o in zip(prompts, outputs) if not isinstance(o, BaseException)]
+            failed_requests += len(prompts) - len(served)
+            scoring_started = time.perf_counter()
+            results = score_completions([p for p, _ in served], [o for _, o in served])
+            scoring_seconds += time.perf_counter() - scoring_started
+            for (prompt, group), group_results in zip(served, results):
+                groups_seen += 1
+                lengths = [len(c.token_ids) for c in group]
+                generated += sum(lengths)
+                scores = torch.tensor([r["score"] for r in group_results], dtype=torch.float32)
+                penalty = overlong_penalty(torch.tensor(lengths), s.overlong) if s.overlong else torch.zeros_like(scores)
+                rewards = scores + penalty
+                reasons.update(r["reason"].split(":")[0] for r in group_results)
+                all_scores += scores.tolist()
+                all_penalties += penalty.tolist()
+                all_lengths += lengths
+                acc = [float(r["acc"]) for r in group_results]
+                all_acc += acc
+                metric = {"acc": torch.tensor(acc), "score": scores}.get(s.filter_metric, rewards)
+                if s.filter_groups and not bool(dapo_keep_mask(metric, [0] * len(group)).all()):
+                    continue
+                kept.append((prompt, group, group_results, rewards, self._advantages(rewards)))
+            enough = len(kept) >= s.train_batch_size
+            if not s.filter_groups or enough or (s.max_num_gen_batches and gen_batches >= s.max_num_gen_batches):
+                break
+        kept = kept[:s.train_batch_size]
+        sequences = [
+            TrainSequence(tuple(c.prompt_token_ids), tuple(c.token_ids), tuple(c.logprobs), float(a))
+            for _, group, _, _, advantages in kept for c, a in zip(group, advantages.tolist())
+        ]
+        rewards = torch.cat([r for *_, r, _ in kept]) if kept else torch.zeros(0)
+        advantages = torch.cat([a for *_, a in kept]) if kept else torch.zeros(0)
+        seconds = time.perf_counter() - started
+        metrics = {
+            **_stats("critic/score", torch.tensor(all_scores)),
+            **_stats("critic/rewards", rewards),
+            **_stats("critic/advantages", advantages),
+            **length_metrics("response_length", all_lengths, s.max_response_length),
+            "critic/acc/mean": float(torch.tensor(all_acc).mean()) if all_acc else 0.0,
+            "reward/overlong_penalty/mean": float(torch.tensor(all_penalties).mean()) if all_penalties else 0.0,
+            "reward/failed": float(sum(n for reason, n in reasons.items() if reason in SCORING_FAILURES)),
+            "reward/timeouts": float(reasons.get("timeout", 0)),
+            "rollout/failed_requests": float(failed_requests),
+            "rollout/gen_batches": float(gen_batches),
+            "rollout/groups_kept": float(len(kept)),
+            "rollout/groups_kept_fraction": len(kept) / max(groups_seen, 1),
+            "rollout/short_of_batch": float(max(s.train_batch_size - len(kept), 0)),
+            "timing_s/reward": scoring_seconds,
+            "timing_s/generate": seconds - scoring_seconds,
+            "perf/rollout_tokens_per_s": generated / max(seconds - scoring_seconds, 1e-9),
+        }
+        return RolloutBatch(sequences, metrics, generated)
+
+    def _advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        group = [0] * rewards.numel()
+        if self.settings.adv_estimator == "rloo":
+            return rloo_advantages(rewards, group)
+        return grpo_advantages(rewards, group, GRPOConfig(norm_by_std=self.settings.norm_adv_by_std))
+
+
+SCORING_FAILURES = frozenset({"timeout", "worker_crashed", "error", "bad_request", "import_timeout"})
+"""Reward reasons (their first word) that mean no verdict was reached: counted in ``reward/failed``."""
+
+
+def validation_metrics(engine, prompts: Sequence[TrainPrompt], sampling: SamplingConfig, seed: int
+                       ) -> dict[str, float]:  # fmt: skip
+    """Mean score and accuracy of ``sampling.n`` samples per prompt, per ``data_source`` (``val/<source>/...``)."""
+    outputs = sample_prompts(engine, prompts, sampling, [request_seed(seed, "val", p.uid) for p in prompts])
+    served = [(p, o) for p, o in zip(prompts, outputs) if not isinstance(o, BaseException)]
+    results = score_completions([p for p, _ in served], [o for _, o in served])
+    by_source: dict[str, list[tuple[float, float]]] = {}
+    lengths = []
+    for (prompt, group), group_results in zip(served, results):
+        by_source.setdefault(prompt.data_source, []).extend((r["score"], float(r["acc"])) for r in group_results)
+        lengths += [len(c.token_ids) for c in group]
+    metrics = {"val/failed_requests": float(len(prompts) - len(served)),
+               "val/response_length/mean": sum(lengths) / max(len(lengths), 1)}
+    for source, values in sorted(by_source.items()):
+        scores = torch.tensor(values, dtype=torch.float64)
+        metrics[f"val/{source}/score/mean@{sampling.n}"] = float(scores[:, 0].mean())
+        metrics[f"val/{source}/acc/mean@{sampling.n}"] = float(scores[:, 1].mean())
+    return metrics
