@@ -140,8 +140,9 @@ def check_actor(actor, rollout_n: int, train_batch_size: int, world_size: int) -
                         f"actor_rollout_ref.actor.ppo_mini_batch_size={actor.ppo_mini_batch_size}")
     mini_sequences = actor.ppo_mini_batch_size * rollout_n
     if mini_sequences % world_size:
-        problems.append(f"a mini-batch of {mini_sequences} sequences (ppo_mini_batch_size × rollout.n) does not split "
-                        f"over {world_size} ranks")
+        problems.append(f"a mini-batch of {mini_sequences} sequences (actor_rollout_ref.actor.ppo_mini_batch_size × "
+                        f"actor_rollout_ref.rollout.n) does not split over {world_size} ranks")
+        return problems
     per_rank = mini_sequences // world_size
     if not actor.use_dynamic_bsz:
         if actor.ppo_micro_batch_size_per_gpu is None:

@@ -23,6 +23,7 @@ collectives always pair up.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -192,16 +193,8 @@ class Learner:
         for _ in range(actor.ppo_epochs):
             for start in range(0, len(sequences), mini_batch_sequences):
                 mini = list(range(start, min(start + mini_batch_sequences, len(sequences))))
-                info = GlobalBatchInfo(
-                    dp_size=self.world.size, global_batch_size=len(mini),
-                    batch_num_tokens=max(1, sum(len(sequences[i].response_token_ids) for i in mini)),
-                )
                 self.optimizer.zero_grad(set_to_none=True)
-                for group in self._micro_batches(sequences, mini):
-                    loss_metrics, tokens = self._micro_step(sequences, group, mini[0], old_log_probs, ref_log_probs,
-                                                            temperature, info)
-                    if group:
-                        metrics.add(loss_metrics, tokens)
+                self.backward(sequences, mini, old_log_probs, ref_log_probs, temperature, metrics)
                 grad_norm = self._clip_gradients()
                 steps += 1
                 if math.isfinite(grad_norm):
@@ -211,12 +204,27 @@ class Learner:
                     skipped += 1
                     self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
-        self.scheduler.step()
+        with warnings.catch_warnings():  # the schedule follows training steps, also when a step's update was skipped
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            self.scheduler.step()
         self.skipped_steps += skipped
         result = metrics.result(self.world, steps)
         result.update({"actor/lr": lr, "actor/optimizer_steps": float(steps),
                        "actor/nonfinite_grad_skipped_steps": float(skipped)})
         return result
+
+    def backward(self, sequences: Sequence[TrainSequence], mini: Sequence[int],
+                 old_log_probs: Sequence[torch.Tensor | None], ref_log_probs: Sequence[torch.Tensor | None] | None,
+                 temperature: float, metrics: MetricAccumulator) -> None:
+        """Accumulate the gradient of one mini-batch (``mini``: indices into the global batch) into ``.grad``, over
+        this rank's micro-batches, normalised by the mini-batch's global token / sequence counts."""
+        info = GlobalBatchInfo(dp_size=self.world.size, global_batch_size=len(mini),
+                               batch_num_tokens=max(1, sum(len(sequences[i].response_token_ids) for i in mini)))
+        for group in self._micro_batches(sequences, mini):
+            loss_metrics, tokens = self._micro_step(sequences, group, mini[0], old_log_probs, ref_log_probs,
+                                                    temperature, info)
+            if group:
+                metrics.add(loss_metrics, tokens)
 
     def _micro_step(self, sequences, group, fallback, old_log_probs, ref_log_probs, temperature, info
                     ) -> tuple[dict[str, float], float]:  # fmt: skip

@@ -19,7 +19,7 @@ from pydantic import Field
 from flash_rc.algo.rollout_correction import RolloutCorrectionSection
 from flash_rc.backends.local.metrics import LOGGERS
 from flash_rc.config import EngineExtras, ModelSection, RolloutSection, Section
-from flash_rc.errors import ConfigError, InputNotFoundError
+from flash_rc.errors import ConfigError, InputNotFoundError, ModelNotFoundError
 from flash_rc.learner.config import ActorModelKeys, ActorSection, RefSection, check_actor
 
 
@@ -231,7 +231,10 @@ def check_train_recipe(recipe: TrainRecipe, world_size: int) -> None:
         for file in files:
             if not Path(os.path.expanduser(file)).is_file():
                 raise InputNotFoundError(f"{key}: file not found: {file}")
-    resolve_model(actor_rollout_ref.model.path)  # a missing model fails here, naming it
+    try:
+        resolve_model(actor_rollout_ref.model.path)
+    except ModelNotFoundError as error:
+        raise ModelNotFoundError(f"actor_rollout_ref.model.path: {error}") from None
     from flash_rc.config import engine_config
     from flash_rc.rollout.engine import check_platform_support
 

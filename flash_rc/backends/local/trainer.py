@@ -115,7 +115,7 @@ def run_training(recipe: TrainRecipe) -> dict[str, Any]:
     world = init_world()
     vllm_compat.join_distributed_world(world.local_rank)
     learner = Learner(model_path, _learner_settings(recipe, total_steps), world)
-    engine = None
+    engine = logger = None
     start_step = 0
     try:
         if world.rank == ENGINE_RANK:
@@ -165,12 +165,12 @@ def run_training(recipe: TrainRecipe) -> dict[str, Any]:
             if logger is not None:
                 logger.log(step, last)
                 bar.set_postfix(reward=f"{last.get('critic/rewards/mean', 0):.3f}")
-        if logger is not None:
-            logger.close()
         world.barrier()
         return {"steps": total_steps - start_step, "resumed_from": start_step, "last_metrics": last,
                 "checkpoints": [str(c) for c in checkpoints], "run_dir": str(run_dir)}
     finally:
+        if logger is not None:
+            logger.close()
         if engine is not None:
             engine.close()  # also tears down the process group (vLLM owns it from here)
         elif dist.is_initialized():
@@ -196,6 +196,9 @@ def _train_step(step: int, source, learner, engine, world: World, recipe: TrainR
     phase = time.perf_counter()
     metrics.update(learner.update(sequences, old, ref, rollout.temperature, actor.ppo_mini_batch_size * rollout.n))
     update_seconds = time.perf_counter() - phase
+    if metrics["actor/nonfinite_grad_skipped_steps"] and world.is_main:
+        print(f"flash-rc train: step {step}: non-finite gradient norm, {metrics['actor/nonfinite_grad_skipped_steps']:.0f}"
+              " optimizer step(s) skipped (weights unchanged by them)", flush=True)
     tokens = sum(s.num_tokens for s in sequences) * actor.ppo_epochs
     metrics.update({"timing_s/update": update_seconds, "perf/learner_tokens_per_s": tokens / max(update_seconds, 1e-9),
                     "actor/empty_step": 0.0})

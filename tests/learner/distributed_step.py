@@ -1,0 +1,51 @@
+"""One learner update on a fixed global batch, run by tests/learner/test_distributed.py under torchrun (1 or 2 ranks).
+
+Writes the updated weights and the step's metrics (rank 0) to the file given as the first argument.
+"""
+
+import sys
+
+import torch
+
+from flash_rc.algo.rollout_correction import RolloutCorrectionConfig
+from flash_rc.learner.batch import TrainSequence
+from flash_rc.learner.config import ActorModelKeys, ActorSection
+from flash_rc.learner.distributed import init_world
+from flash_rc.learner.learner import Learner, LearnerSettings
+from flash_rc.models import resolve_model
+from flash_rc.rollout.checkpoint import full_tensor
+
+
+def global_batch() -> list[TrainSequence]:
+    gen = torch.Generator().manual_seed(1)
+    batch = []
+    for k in range(8):
+        prompt = torch.randint(5, 300, (2 + k % 4,), generator=gen).tolist()
+        response = torch.randint(5, 300, (1 + (3 * k) % 6,), generator=gen).tolist()
+        rollout = (-torch.rand(len(response), generator=gen) * 4).tolist()
+        batch.append(TrainSequence(tuple(prompt), tuple(response), tuple(rollout), advantage=(-1.0) ** k * (k + 1) / 4))
+    return batch
+
+
+def main(output: str, micro_batch_size: int) -> None:
+    world = init_world()
+    actor = ActorSection.model_validate({
+        "ppo_mini_batch_size": 2, "ppo_micro_batch_size_per_gpu": micro_batch_size, "ppo_epochs": 2,
+        "fsdp_config": {"mixed_precision": {"param_dtype": "fp32"}}, "optim": {"lr": 1e-3},
+        "use_kl_loss": True, "entropy_coeff": 0.01,
+    })
+    learner = Learner(resolve_model("tiny-qwen2"),
+                      LearnerSettings(actor, ActorModelKeys(), RolloutCorrectionConfig(), total_steps=2), world)
+    batch = global_batch()
+    old = learner.log_probs(batch, 0.8)
+    ref = learner.log_probs(batch, 0.8, reference=True)
+    old = [None if values is None else values - 0.1 for values in old]  # a PPO ratio away from 1
+    metrics = learner.update(batch, old, ref, 0.8, mini_batch_sequences=4)
+    weights = {name: full_tensor(t).clone() for name, t in learner.state_source().state_dict().items()}
+    if world.is_main:
+        torch.save({"weights": weights, "metrics": metrics}, output)
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))
