@@ -80,8 +80,10 @@ def save_checkpoint(run_dir: Path, step: int, learner, trainer_state: dict, reci
     torch.save(_rng_state(), temporary / f"rng_rank{world.rank}.pt")
     world.barrier()
     if world.is_main:
-        atomic_write(temporary / "recipe.yaml", recipe_yaml.encode())
-        atomic_write(temporary / STATE_FILE, json.dumps({"step": step, **trainer_state}, indent=1).encode())
+        with atomic_write(temporary / "recipe.yaml", "w") as handle:
+            handle.write(recipe_yaml)
+        with atomic_write(temporary / STATE_FILE, "w") as handle:  # last: its presence marks a complete checkpoint
+            json.dump({"step": step, **trainer_state}, handle, indent=1)
         if final.exists():  # a checkpoint of this step from an earlier, abandoned attempt
             shutil.rmtree(final)
         os.replace(temporary, final)
