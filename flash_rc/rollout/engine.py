@@ -304,6 +304,17 @@ class RolloutEngine:
         self._engine.reset_prefix_cache(reset_running_requests=inflight == "recompute")
         return self._model_version
 
+    def sleep(self) -> None:
+        """Free the KV cache and offload the weights to host memory (vLLM sleep level 1) once the engine is idle, so
+        a colocated learner gets the device memory; :meth:`wake_up` before the next sync and generation."""
+        if not self.config.enable_sleep_mode:
+            raise RuntimeError("this engine was started without enable_sleep_mode")
+        self.call_in_engine_thread(lambda: self._llm.sleep(level=1), wait_for_idle=True)
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Bring back what :meth:`sleep` released: ``["weights"]`` (then sync), ``["kv_cache"]``, or both (None)."""
+        self.call_in_engine_thread(lambda: self._llm.wake_up(list(tags) if tags is not None else None))
+
     def call_in_engine_thread(self, fn: Callable[[], Any], wait_for_idle: bool = False) -> Any:
         """Run ``fn`` on the engine thread between two decode steps (e.g. inspect or patch the model)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
@@ -461,6 +472,8 @@ def check_platform_support(config: EngineConfig, on_cpu: bool) -> None:
             )
         if config.kv_cache_dtype != "auto":
             raise UnsupportedPrecisionError("an FP8 KV cache needs a CUDA GPU; use kv_cache_dtype=auto on CPU")
+        if config.enable_sleep_mode:
+            raise UnsupportedPrecisionError("vLLM's sleep mode needs a CUDA GPU; use enable_sleep_mode=false on CPU")
         return
     major, minor = torch.cuda.get_device_capability()
     if config.precision == "int8" and major >= 10:

@@ -66,10 +66,13 @@ class EngineConfig(Section):
     """GPU only: store the KV cache in FP8 (halves KV traffic, the larger lever for long rollouts)."""
     visibility_sample: float = Field(1 / 64, ge=0, le=1)
     """Fraction of rows of each quantized weight tracked for the update-visibility metrics (0: off, 1: exact)."""
+    enable_sleep_mode: bool = False
+    """GPU only: start vLLM with sleep mode, so the engine can free its KV cache and offload its weights while a
+    colocated learner trains (``RolloutEngine.sleep`` / ``wake_up``)."""
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Extra keyword arguments passed verbatim to ``vllm.LLM``."""
 
 
 VLLM_ARGS = ("dtype", "max_model_len", "seed", "max_num_seqs", "enable_prefix_caching", "tensor_parallel_size",
-             "kv_cache_dtype")
+             "kv_cache_dtype", "enable_sleep_mode")
 """EngineConfig fields that are ``vllm.LLM`` arguments of the same name and meaning, passed as they are."""

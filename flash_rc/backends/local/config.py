@@ -65,6 +65,8 @@ class TrainRolloutKeys(Section):
     """The engine always returns processed rollout log-probs (rollout correction needs them)."""
     mode: Literal["sync", "async"] = "sync"
     """verl's rollout mode; the local engine serves both the same way."""
+    free_cache_engine: bool = True
+    """GPU: the engine sleeps (KV cache freed, weights offloaded) while the learner trains. No effect on CPU."""
 
 
 TrainRolloutSection = type("TrainRolloutSection", (TrainRolloutKeys, RolloutSection), {
@@ -89,6 +91,7 @@ class FilterGroupsSection(Section):
     """DAPO dynamic sampling: keep only groups whose metric differs between samples."""
 
     enable: bool = False
+    """Keep only groups whose samples differ in ``metric``, drawing more prompts to fill the batch."""
     metric: Literal["acc", "score", "seq_reward", "seq_final_reward"] = "acc"
     """Per-sample value compared within a group (``seq_reward``/``seq_final_reward``: the shaped reward)."""
     max_num_gen_batches: int = Field(0, ge=0)
@@ -116,6 +119,7 @@ class OverlongBufferSection(Section):
     """DAPO overlong shaping: 0 up to ``max_response_length − len`` tokens, then a ramp to −``penalty_factor``."""
 
     enable: bool = False
+    """Add the overlong penalty to the reward of every sample."""
     len: int = Field(0, ge=0)
     """L_buf, the length of the ramp."""
     penalty_factor: float = Field(1.0, ge=0)
@@ -142,7 +146,9 @@ class TrainerSection(Section):
     """verl's ``trainer``."""
 
     project_name: str = "flash_rc"
+    """wandb project; the default run directory is ``checkpoints/<project_name>/<experiment_name>``."""
     experiment_name: str = "local"
+    """The run's name (wandb run name; part of the default run directory)."""
     total_epochs: int = Field(1, ge=1)
     """Passes over the training prompts."""
     total_training_steps: int | None = Field(None, ge=1)
@@ -181,6 +187,10 @@ class TrainOptions(Section):
     resumed run samples what an uninterrupted one would."""
     progress: bool = True
     """Show a progress bar over the steps."""
+    engine_ranks: Literal["auto", "first", "all"] = "auto"
+    """Which ranks host a rollout engine: ``first`` (rank 0 generates, the batch is broadcast), ``all``
+    (data-parallel rollouts: each rank samples and scores its share of the prompts); ``auto``: all on GPU, first on
+    CPU."""
 
 
 class FlashRCTrainSection(Section):

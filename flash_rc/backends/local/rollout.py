@@ -125,13 +125,40 @@ def _stats(prefix: str, values: torch.Tensor) -> dict[str, float]:
             f"{prefix}/min": float(values.min())}
 
 
+class RolloutShards:
+    """Which prompts of a generation batch this rank's engine samples, and how the ranks' results are merged.
+
+    With one engine (``world`` None) it samples everything. With an engine on every rank (data-parallel rollouts on
+    GPU), rank r samples and scores prompts r, r + D, ...; the per-prompt results are all-gathered and put back in
+    batch order, so every rank ends with the same batch and the same decisions (dynamic sampling included).
+    """
+
+    def __init__(self, world=None):
+        self.world = world
+
+    def mine(self, count: int) -> list[int]:
+        if self.world is None or self.world.size == 1:
+            return list(range(count))
+        return list(range(self.world.rank, count, self.world.size))
+
+    def merge(self, entries: list[tuple[int, object]]) -> list[tuple[int, object]]:
+        if self.world is None or self.world.size == 1:
+            return entries
+        import torch.distributed as dist
+
+        parts: list = [None] * self.world.size
+        dist.all_gather_object(parts, entries)
+        return sorted((entry for part in parts for entry in part), key=lambda entry: entry[0])
+
+
 class OutcomeRollout:
     """GRPO / RLOO rollouts with DAPO's dynamic sampling and overlong shaping (see the module docstring)."""
 
-    def __init__(self, engine, sampler: PromptSampler, settings: OutcomeSettings):
+    def __init__(self, engine, sampler: PromptSampler, settings: OutcomeSettings, shards: RolloutShards | None = None):
         self.engine = engine
         self.sampler = sampler
         self.settings = settings
+        self.shards = shards or RolloutShards()
 
     def state_dict(self) -> dict:
         return {"sampler": self.sampler.state_dict()}
@@ -153,13 +180,16 @@ class OutcomeRollout:
             prompts = self.sampler.next_batch()
             seeds = [request_seed(s.rollout_seed, step, gen_batches, p.uid) for p in prompts]
             gen_batches += 1
-            outputs = sample_prompts(self.engine, prompts, sampling, seeds)
-            served = [(p, o) for p, o in zip(prompts, outputs) if not isinstance(o, BaseException)]
-            failed_requests += len(prompts) - len(served)
+            mine = self.shards.mine(len(prompts))
+            outputs = sample_prompts(self.engine, [prompts[i] for i in mine], sampling, [seeds[i] for i in mine])
+            served = [(i, o) for i, o in zip(mine, outputs) if not isinstance(o, BaseException)]
             scoring_started = time.perf_counter()
-            results = score_completions([p for p, _ in served], [o for _, o in served])
+            results = score_completions([prompts[i] for i, _ in served], [o for _, o in served])
             scoring_seconds += time.perf_counter() - scoring_started
-            for (prompt, group), group_results in zip(served, results):
+            scored = self.shards.merge([(i, (o, r)) for (i, o), r in zip(served, results)])
+            failed_requests += len(prompts) - len(scored)
+            for i, (group, group_results) in scored:
+                prompt = prompts[i]
                 groups_seen += 1
                 lengths = [len(c.token_ids) for c in group]
                 generated += sum(lengths)

@@ -28,14 +28,38 @@ import torch.distributed as dist
 
 from flash_rc.backends.local.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from flash_rc.backends.local.config import TrainRecipe, check_train_recipe
-from flash_rc.backends.local.rollout import OutcomeRollout, OutcomeSettings, RolloutBatch, validation_metrics
+from flash_rc.backends.local.rollout import (
+    OutcomeRollout,
+    OutcomeSettings,
+    RolloutBatch,
+    RolloutShards,
+    validation_metrics,
+)
 from flash_rc.config import engine_config, load_recipe
 from flash_rc.errors import ConfigError, WeightUpdateError
 from flash_rc.learner.config import ActorModelKeys
 from flash_rc.learner.distributed import World, init_world, world_size_from_env
 
 ENGINE_RANK = 0
-"""The rank that hosts the rollout engine (and the reward pool)."""
+"""The rank that hosts the rollout engine (and the reward pool) when only one does; it also validates."""
+
+
+def engines_on_every_rank(recipe: TrainRecipe, on_gpu: bool) -> bool:
+    choice = recipe.flash_rc.train.engine_ranks
+    return choice == "all" or (choice == "auto" and on_gpu)
+
+
+def rank_engine_config(recipe: TrainRecipe, world: World, every_rank: bool):
+    """The engine this rank starts: the recipe's, with vLLM sleep mode on GPU (``rollout.free_cache_engine``) and,
+    when every rank of a multi-GPU world hosts one, vLLM's ``external_launcher`` executor (it takes its device from
+    ``LOCAL_RANK`` and joins the torchrun world instead of starting its own)."""
+    config = engine_config(recipe)
+    update = {}
+    if world.device.type == "cuda":
+        update["enable_sleep_mode"] = recipe.actor_rollout_ref.rollout.free_cache_engine
+        if every_rank and world.size > 1:
+            update["engine_kwargs"] = {"distributed_executor_backend": "external_launcher", **config.engine_kwargs}
+    return config.model_copy(update=update)
 
 
 def check_resume(recipe: TrainRecipe) -> tuple[int, Path] | None:
@@ -110,19 +134,19 @@ def run_training(recipe: TrainRecipe) -> dict[str, Any]:
                              data.val_max_samples, False, data.seed) if data.val_files else None
     sampler = PromptSampler(train.prompts, data.train_batch_size, data.shuffle, data.seed)
     total_steps = trainer.total_training_steps or sampler.total_steps(trainer.total_epochs)
-    config = engine_config(recipe)
-
     world = init_world()
     vllm_compat.join_distributed_world(world.local_rank)
     learner = Learner(model_path, _learner_settings(recipe, total_steps), world)
+    every_rank = engines_on_every_rank(recipe, world.device.type == "cuda")
     engine = logger = None
     start_step = 0
     try:
-        if world.rank == ENGINE_RANK:
+        if every_rank or world.rank == ENGINE_RANK:
             from flash_rc.rollout.engine import RolloutEngine
 
-            engine = RolloutEngine(config)
-        source = OutcomeRollout(engine, sampler, _outcome_settings(recipe))
+            engine = RolloutEngine(rank_engine_config(recipe, world, every_rank))
+        source = OutcomeRollout(engine, sampler, _outcome_settings(recipe),
+                                RolloutShards(world if every_rank else None))
         if resume is not None:
             state = load_checkpoint(resume[1], learner, world)
             start_step = state["step"]
@@ -138,7 +162,7 @@ def run_training(recipe: TrainRecipe) -> dict[str, Any]:
 
         def validate() -> dict[str, float]:
             metrics = validation_metrics(engine, val.prompts, val_sampling, recipe.flash_rc.train.rollout_seed) \
-                if engine is not None else {}
+                if world.rank == ENGINE_RANK else {}
             world.barrier()
             return metrics
 
@@ -151,7 +175,7 @@ def run_training(recipe: TrainRecipe) -> dict[str, Any]:
         bar = tqdm(range(start_step + 1, total_steps + 1), desc="steps", initial=start_step, total=total_steps,
                    disable=not (world.is_main and recipe.flash_rc.train.progress))
         for step in bar:
-            last = _train_step(step, source, learner, engine, world, recipe)
+            last = _train_step(step, source, learner, engine, world, recipe, every_rank)
             is_last = step == total_steps
             if val is not None and ((trainer.test_freq > 0 and step % trainer.test_freq == 0) or is_last):
                 started = time.perf_counter()
@@ -177,11 +201,14 @@ def run_training(recipe: TrainRecipe) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
-def _train_step(step: int, source, learner, engine, world: World, recipe: TrainRecipe) -> dict[str, float]:
+def _train_step(step: int, source, learner, engine, world: World, recipe: TrainRecipe, every_rank: bool
+                ) -> dict[str, float]:  # fmt: skip
     actor, rollout = recipe.actor_rollout_ref.actor, recipe.actor_rollout_ref.rollout
     started = time.perf_counter()
-    batch = source.collect(step) if world.rank == ENGINE_RANK else None
-    batch = _broadcast(batch, world)
+    if every_rank:  # each rank samples its share; the source merges them, so every rank holds the whole batch
+        batch = source.collect(step)
+    else:
+        batch = _broadcast(source.collect(step) if world.rank == ENGINE_RANK else None, world)
     assert isinstance(batch, RolloutBatch)
     metrics = dict(batch.metrics)
     metrics["timing_s/rollout"] = time.perf_counter() - started
@@ -189,6 +216,9 @@ def _train_step(step: int, source, learner, engine, world: World, recipe: TrainR
     if not sequences:  # every group filtered out or failed: nothing to learn from, the weights stay
         metrics.update({"actor/empty_step": 1.0, "timing_s/step": time.perf_counter() - started})
         return metrics
+    sleeping = engine is not None and engine.config.enable_sleep_mode
+    if sleeping:  # the device memory goes to the learner until the sync
+        engine.sleep()
     phase = time.perf_counter()
     old = learner.log_probs(sequences, rollout.temperature)
     ref = learner.log_probs(sequences, rollout.temperature, reference=True) if actor.use_kl_loss else None
@@ -203,6 +233,8 @@ def _train_step(step: int, source, learner, engine, world: World, recipe: TrainR
     metrics.update({"timing_s/update": update_seconds, "perf/learner_tokens_per_s": tokens / max(update_seconds, 1e-9),
                     "actor/empty_step": 0.0})
     phase = time.perf_counter()
+    if sleeping:
+        engine.wake_up(["weights"])
     try:
         report = learner.sync(engine)
         metrics["sync/failed"] = 0.0
@@ -214,6 +246,8 @@ def _train_step(step: int, source, learner, engine, world: World, recipe: TrainR
         if world.is_main:
             print(f"flash-rc train: step {step}: weight sync failed, the engine keeps its weights: "
                   f"{str(error).splitlines()[0]}", flush=True)
+    if sleeping:
+        engine.wake_up(["kv_cache"])
     metrics["timing_s/sync"] = time.perf_counter() - phase
     metrics["timing_s/step"] = time.perf_counter() - started
     metrics["perf/total_tokens"] = float(sum(s.num_tokens for s in sequences))
@@ -227,7 +261,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config", help="recipe YAML (verl key names + flash_rc section)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.total_training_steps=2")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags may come after the overrides
     recipe = load_recipe(TrainRecipe, args.config, args.overrides)
     if args.no_progress:
         recipe.flash_rc.train.progress = False

@@ -212,17 +212,22 @@ def optimizer_state(checkpoint: Path, scratch: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_two_ranks_under_torchrun(workspace, finished_run, tmp_path):
-    """2 gloo ranks, the engine on rank 0, every rank joining the sync's gathers: the first step's update equals
-    the 1-rank run's (same global batch), and the run completes with one sync per step."""
-    run_dir = tmp_path / "two_ranks"
+@pytest.mark.parametrize("engine_ranks", ["first", "all"])
+def test_two_ranks_under_torchrun(workspace, finished_run, tmp_path, engine_ranks):
+    """2 gloo ranks, every rank joining the sync's gathers. ``first``: the engine on rank 0 and the batch broadcast;
+    the first step's update equals the 1-rank run's (same global batch). ``all``: an engine on each rank sampling
+    half of the prompts (the GPU layout); the same prompts and rewards' shape, one sync per step into both."""
+    run_dir = tmp_path / f"two_ranks_{engine_ranks}"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "flash_rc.backends.local", "--no-progress",
-               *recipe_args(workspace, run_dir, "trainer.n_gpus_per_node=2", "trainer.total_training_steps=2")]
+               *recipe_args(workspace, run_dir, "trainer.n_gpus_per_node=2", "trainer.total_training_steps=2",
+                            f"flash_rc.train.engine_ranks={engine_ranks}")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env_for(workspace))
     assert result.returncode == 0, result.stderr[-4000:]
     one, two = records(finished_run)[0], records(run_dir)[0]
-    for key in ("critic/rewards/mean", "actor/pg_loss", "actor/grad_norm", "rollout_corr/kl"):
-        assert two[key] == pytest.approx(one[key], rel=1e-3, abs=1e-5), key
     assert [r["sync/model_version"] for r in records(run_dir)] == [1.0, 2.0]
     assert (run_dir / "global_step_2" / "rng_rank1.pt").exists()
+    assert two["rollout/groups_kept"] == one["rollout/groups_kept"] == 4
+    if engine_ranks == "first":
+        for key in ("critic/rewards/mean", "actor/pg_loss", "actor/grad_norm", "rollout_corr/kl"):
+            assert two[key] == pytest.approx(one[key], rel=1e-3, abs=1e-5), key
