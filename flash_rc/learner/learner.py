@@ -300,6 +300,8 @@ class Learner:
         if self.world.size > 1:
             dist.broadcast_object_list(plan, src=0)
         (order,) = plan
+        if order is None:  # no engine anywhere: nothing to sync
+            return None
         state = source.state_dict()
         flags = [within_range(local_tensor(state[name]).detach(), limit) for name, limit in order]
         bad = [name for (name, _), ok in zip(order, torch.stack(flags).tolist()) if not ok] if flags else []

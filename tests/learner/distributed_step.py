@@ -27,6 +27,45 @@ def global_batch() -> list[TrainSequence]:
     return batch
 
 
+class RecordingSink:
+    """A weight sink that only records what reaches it (the collective checks run before any sink is touched)."""
+
+    def __init__(self, names):
+        from flash_rc.rollout.formats import WeightFormat
+
+        self.checkpoint_shapes = dict.fromkeys(names, ())
+        self.weight_format = WeightFormat(precision="bf16", dtype=torch.bfloat16)
+        self.loads = 0
+
+    def load(self, source, stats=None):
+        self.loads += 1
+        raise AssertionError("a refused sync must not reach the engine")
+
+
+def refuse_sync(output: str) -> None:
+    """Rank 1 holds a NaN in its shard; rank 0 hosts the (recording) engine: every rank must refuse the sync."""
+    from flash_rc.errors import WeightUpdateError
+
+    world = init_world()
+    actor = ActorSection.model_validate({"ppo_mini_batch_size": 1, "ppo_micro_batch_size_per_gpu": 1})
+    learner = Learner(resolve_model("tiny-qwen2"),
+                      LearnerSettings(actor, ActorModelKeys(), RolloutCorrectionConfig(), total_steps=1), world)
+    sink = RecordingSink(learner.state_source().state_dict()) if world.is_main else None
+    if world.rank == 1:
+        with torch.no_grad():
+            learner.state_source().get_decoder().layers[1].mlp.up_proj.weight.to_local().view(-1)[0] = float("nan")
+    try:
+        learner.sync(sink)
+        outcome = "applied"
+    except WeightUpdateError as error:
+        outcome = str(error)
+    outcomes = [None] * world.size
+    torch.distributed.all_gather_object(outcomes, outcome)
+    if world.is_main:
+        torch.save({"outcomes": outcomes, "loads": sink.loads}, output)
+    torch.distributed.destroy_process_group()
+
+
 def main(output: str, micro_batch_size: int) -> None:
     world = init_world()
     actor = ActorSection.model_validate({
@@ -48,4 +87,7 @@ def main(output: str, micro_batch_size: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    if sys.argv[2] == "refuse-sync":
+        refuse_sync(sys.argv[1])
+    else:
+        main(sys.argv[1], int(sys.argv[2]))

@@ -16,7 +16,7 @@ import torch
 SCRIPT = Path(__file__).with_name("distributed_step.py")
 
 
-def run_step(tmp_path: Path, ranks: int, micro_batch_size: int) -> dict:
+def run_step(tmp_path: Path, ranks: int, micro_batch_size: int | str) -> dict:
     output = tmp_path / f"step_{ranks}.pt"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
                str(SCRIPT), str(output), str(micro_batch_size)]
@@ -38,3 +38,10 @@ def test_two_ranks_equal_one_rank(tmp_path):
     for name, weight in one["weights"].items():
         torch.testing.assert_close(two["weights"][name], weight, atol=1e-4, rtol=0, msg=name)
 
+
+
+def test_a_bad_shard_on_one_rank_refuses_the_sync_on_every_rank(tmp_path):
+    result = run_step(tmp_path, ranks=2, micro_batch_size="refuse-sync")
+    assert result["loads"] == 0
+    for outcome in result["outcomes"]:  # both ranks raised, naming the tensor rank 1 holds
+        assert "sync refused on every rank" in outcome and "model.layers.1.mlp.up_proj.weight" in outcome

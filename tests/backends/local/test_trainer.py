@@ -231,3 +231,18 @@ def test_two_ranks_under_torchrun(workspace, finished_run, tmp_path, engine_rank
     if engine_ranks == "first":
         for key in ("critic/rewards/mean", "actor/pg_loss", "actor/grad_norm", "rollout_corr/kl"):
             assert two[key] == pytest.approx(one[key], rel=1e-3, abs=1e-5), key
+
+
+def test_mismatch_kl_is_zero_unquantized_and_positive_with_int8_rollouts(workspace, tmp_path):
+    """The rollout/learner mismatch the TIS weights correct: ~0 when the engine computes what the learner does (an
+    unquantized float32 engine, float32 learner), clearly positive with INT8 rollouts of the same weights."""
+    kl = {}
+    for name, overrides in (("fp32", ("actor_rollout_ref.rollout.dtype=float32",)),
+                            ("int8", ("actor_rollout_ref.rollout.dtype=float32", "flash_rc.engine.precision=int8"))):
+        run_dir = tmp_path / name
+        result = train(workspace, run_dir, "trainer.total_training_steps=1", "trainer.test_freq=-1", *overrides)
+        assert result.returncode == 0, result.stderr[-4000:]
+        (record,) = records(run_dir)
+        kl[name] = (record["rollout_corr/kl"], record["rollout_corr/k3_kl"])
+    assert abs(kl["fp32"][0]) < 1e-4 and kl["fp32"][1] < 1e-5, kl
+    assert kl["int8"][1] > 100 * max(kl["fp32"][1], 1e-8) and kl["int8"][1] > 1e-4, kl
