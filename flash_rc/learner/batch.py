@@ -20,9 +20,9 @@ padding; needs an attention backend that reads sequence boundaries from position
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 
@@ -39,6 +39,9 @@ class TrainSequence:
     """log π_rollout of each response token, as the engine sampled it (processed: after temperature)."""
     advantage: float
     """Outcome advantage, broadcast over the response tokens."""
+    metadata: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    """Where the sequence came from, for logging and analysis (RC: ``problem_id``, ``sample_id``, ``cycle_step``,
+    ``turn_type``, ``turn_number``, ``model_version``); the learner never reads it."""
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
@@ -71,7 +74,8 @@ class MicroBatch:
     response_lengths: list[int]
 
     def to(self, device: torch.device) -> MicroBatch:
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)
+        def move(tensor):
+            return None if tensor is None else tensor.to(device, non_blocking=True)
         return MicroBatch(self.indices, move(self.input_ids), move(self.position_ids), move(self.attention_mask),
                           move(self.logit_index), move(self.targets), self.response_lengths)
 

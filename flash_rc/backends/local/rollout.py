@@ -151,6 +151,109 @@ class RolloutShards:
         return sorted((entry for part in parts for entry in part), key=lambda entry: entry[0])
 
 
+@dataclass
+class Group:
+    """The samples that share a baseline (one prompt's ``n`` samples), scored, with their advantages."""
+
+    prompt: TrainPrompt
+    completions: list[Completion]
+    results: list[dict]
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+
+
+class GroupCollector:
+    """Samples groups on the engine(s), scores them, shapes rewards, computes advantages, and keeps the step's
+    statistics; :meth:`batch` turns the groups kept into the learner's sequences and the rollout metrics. Shared by
+    every rollout source (plain outcome RL here, RC's summary-conditioned states in :mod:`.rc_rollout`)."""
+
+    def __init__(self, engine, settings: OutcomeSettings, shards: RolloutShards):
+        self.engine, self.settings, self.shards = engine, settings, shards
+        self.reasons: Counter[str] = Counter()
+        self.scores: list[float] = []
+        self.lengths: list[int] = []
+        self.penalties: list[float] = []
+        self.acc: list[float] = []
+        self.failed_requests = self.groups_seen = self.generated = 0
+        self.scoring_seconds = 0.0
+        self.started = time.perf_counter()
+
+    def sample(self, prompts: Sequence[TrainPrompt], seeds: Sequence[int], sampling: SamplingConfig) -> list[Group]:
+        """One group per prompt that the engine served (in prompt order), ``sampling.n`` samples each."""
+        mine = self.shards.mine(len(prompts))
+        outputs = sample_prompts(self.engine, [prompts[i] for i in mine], sampling, [seeds[i] for i in mine])
+        served = [(i, o) for i, o in zip(mine, outputs) if not isinstance(o, BaseException)]
+        scoring_started = time.perf_counter()
+        results = score_completions([prompts[i] for i, _ in served], [o for _, o in served])
+        self.scoring_seconds += time.perf_counter() - scoring_started
+        scored = self.shards.merge([(i, (o, r)) for (i, o), r in zip(served, results)])
+        self.failed_requests += len(prompts) - len(scored)
+        return [self._group(prompts[i], completions, group_results) for i, (completions, group_results) in scored]
+
+    def _group(self, prompt: TrainPrompt, completions: list[Completion], results: list[dict]) -> Group:
+        s = self.settings
+        self.groups_seen += 1
+        lengths = [len(c.token_ids) for c in completions]
+        self.generated += sum(lengths)
+        scores = torch.tensor([r["score"] for r in results], dtype=torch.float32)
+        penalty = overlong_penalty(torch.tensor(lengths), s.overlong) if s.overlong else torch.zeros_like(scores)
+        rewards = scores + penalty
+        self.reasons.update(r["reason"].split(":")[0] for r in results)
+        self.scores += scores.tolist()
+        self.penalties += penalty.tolist()
+        self.lengths += lengths
+        self.acc += [float(r["acc"]) for r in results]
+        return Group(prompt, completions, results, rewards, self._advantages(rewards))
+
+    def _advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        group = [0] * rewards.numel()
+        if self.settings.adv_estimator == "rloo":
+            return rloo_advantages(rewards, group)
+        return grpo_advantages(rewards, group, GRPOConfig(norm_by_std=self.settings.norm_adv_by_std))
+
+    def keeps(self, group: Group) -> bool:
+        """DAPO dynamic sampling: whether the group's filter metric differs between its samples (always True when
+        filtering is off)."""
+        s = self.settings
+        if not s.filter_groups:
+            return True
+        acc = torch.tensor([float(r["acc"]) for r in group.results])
+        scores = torch.tensor([float(r["score"]) for r in group.results])
+        metric = {"acc": acc, "score": scores}.get(s.filter_metric, group.rewards)
+        return bool(dapo_keep_mask(metric, [0] * len(group.completions)).all())
+
+    def batch(self, kept: Sequence[Group], metadata: Sequence[list[dict]] | None = None) -> RolloutBatch:
+        """The learner's sequences of ``kept`` (group by group) and the step's rollout metrics."""
+        s = self.settings
+        sequences = [
+            TrainSequence(tuple(c.prompt_token_ids), tuple(c.token_ids), tuple(c.logprobs), float(a),
+                          metadata=metadata[g][k] if metadata is not None else {})
+            for g, group in enumerate(kept) for k, (c, a) in enumerate(zip(group.completions,
+                                                                             group.advantages.tolist()))
+        ]
+        rewards = torch.cat([g.rewards for g in kept]) if kept else torch.zeros(0)
+        advantages = torch.cat([g.advantages for g in kept]) if kept else torch.zeros(0)
+        seconds = time.perf_counter() - self.started
+        generating = max(seconds - self.scoring_seconds, 1e-9)
+        metrics = {
+            **_stats("critic/score", torch.tensor(self.scores)),
+            **_stats("critic/rewards", rewards),
+            **_stats("critic/advantages", advantages),
+            **length_metrics("response_length", self.lengths, s.max_response_length),
+            "critic/acc/mean": float(torch.tensor(self.acc).mean()) if self.acc else 0.0,
+            "reward/overlong_penalty/mean": float(torch.tensor(self.penalties).mean()) if self.penalties else 0.0,
+            "reward/failed": float(sum(n for reason, n in self.reasons.items() if reason in SCORING_FAILURES)),
+            "reward/timeouts": float(self.reasons.get("timeout", 0)),
+            "rollout/failed_requests": float(self.failed_requests),
+            "rollout/groups_kept": float(len(kept)),
+            "rollout/groups_kept_fraction": len(kept) / max(self.groups_seen, 1),
+            "timing_s/reward": self.scoring_seconds,
+            "timing_s/generate": generating,
+            "perf/rollout_tokens_per_s": self.generated / generating,
+        }
+        return RolloutBatch(sequences, metrics, self.generated)
+
+
 class OutcomeRollout:
     """GRPO / RLOO rollouts with DAPO's dynamic sampling and overlong shaping (see the module docstring)."""
 
@@ -169,82 +272,24 @@ class OutcomeRollout:
     def collect(self, step: int) -> RolloutBatch:
         s = self.settings
         sampling = SamplingConfig(max_tokens=s.max_response_length, n=s.n, temperature=s.temperature)
-        kept: list[tuple[TrainPrompt, list[Completion], list[dict], torch.Tensor, torch.Tensor]] = []
-        reasons: Counter[str] = Counter()
-        all_scores, all_lengths, all_penalties, all_acc = [], [], [], []
-        failed_requests = gen_batches = groups_seen = 0
-        generated = 0
-        started = time.perf_counter()
-        scoring_seconds = 0.0
+        collector = GroupCollector(self.engine, s, self.shards)
+        kept: list[Group] = []
+        gen_batches = 0
         while True:
             prompts = self.sampler.next_batch()
             seeds = [request_seed(s.rollout_seed, step, gen_batches, p.uid) for p in prompts]
             gen_batches += 1
-            mine = self.shards.mine(len(prompts))
-            outputs = sample_prompts(self.engine, [prompts[i] for i in mine], sampling, [seeds[i] for i in mine])
-            served = [(i, o) for i, o in zip(mine, outputs) if not isinstance(o, BaseException)]
-            scoring_started = time.perf_counter()
-            results = score_completions([prompts[i] for i, _ in served], [o for _, o in served])
-            scoring_seconds += time.perf_counter() - scoring_started
-            scored = self.shards.merge([(i, (o, r)) for (i, o), r in zip(served, results)])
-            failed_requests += len(prompts) - len(scored)
-            for i, (group, group_results) in scored:
-                prompt = prompts[i]
-                groups_seen += 1
-                lengths = [len(c.token_ids) for c in group]
-                generated += sum(lengths)
-                scores = torch.tensor([r["score"] for r in group_results], dtype=torch.float32)
-                penalty = overlong_penalty(torch.tensor(lengths), s.overlong) if s.overlong else torch.zeros_like(scores)
-                rewards = scores + penalty
-                reasons.update(r["reason"].split(":")[0] for r in group_results)
-                all_scores += scores.tolist()
-                all_penalties += penalty.tolist()
-                all_lengths += lengths
-                acc = [float(r["acc"]) for r in group_results]
-                all_acc += acc
-                metric = {"acc": torch.tensor(acc), "score": scores}.get(s.filter_metric, rewards)
-                if s.filter_groups and not bool(dapo_keep_mask(metric, [0] * len(group)).all()):
-                    continue
-                kept.append((prompt, group, group_results, rewards, self._advantages(rewards)))
+            kept += [group for group in collector.sample(prompts, seeds, sampling) if collector.keeps(group)]
             enough = len(kept) >= s.train_batch_size
             if not s.filter_groups or enough or (s.max_num_gen_batches and gen_batches >= s.max_num_gen_batches):
                 break
-        kept = kept[:s.train_batch_size]
-        sequences = [
-            TrainSequence(tuple(c.prompt_token_ids), tuple(c.token_ids), tuple(c.logprobs), float(a))
-            for _, group, _, _, advantages in kept for c, a in zip(group, advantages.tolist())
-        ]
-        rewards = torch.cat([r for *_, r, _ in kept]) if kept else torch.zeros(0)
-        advantages = torch.cat([a for *_, a in kept]) if kept else torch.zeros(0)
-        seconds = time.perf_counter() - started
-        metrics = {
-            **_stats("critic/score", torch.tensor(all_scores)),
-            **_stats("critic/rewards", rewards),
-            **_stats("critic/advantages", advantages),
-            **length_metrics("response_length", all_lengths, s.max_response_length),
-            "critic/acc/mean": float(torch.tensor(all_acc).mean()) if all_acc else 0.0,
-            "reward/overlong_penalty/mean": float(torch.tensor(all_penalties).mean()) if all_penalties else 0.0,
-            "reward/failed": float(sum(n for reason, n in reasons.items() if reason in SCORING_FAILURES)),
-            "reward/timeouts": float(reasons.get("timeout", 0)),
-            "rollout/failed_requests": float(failed_requests),
-            "rollout/gen_batches": float(gen_batches),
-            "rollout/groups_kept": float(len(kept)),
-            "rollout/groups_kept_fraction": len(kept) / max(groups_seen, 1),
-            "rollout/short_of_batch": float(max(s.train_batch_size - len(kept), 0)),
-            "timing_s/reward": scoring_seconds,
-            "timing_s/generate": seconds - scoring_seconds,
-            "perf/rollout_tokens_per_s": generated / max(seconds - scoring_seconds, 1e-9),
-        }
-        return RolloutBatch(sequences, metrics, generated)
-
-    def _advantages(self, rewards: torch.Tensor) -> torch.Tensor:
-        group = [0] * rewards.numel()
-        if self.settings.adv_estimator == "rloo":
-            return rloo_advantages(rewards, group)
-        return grpo_advantages(rewards, group, GRPOConfig(norm_by_std=self.settings.norm_adv_by_std))
+        batch = collector.batch(kept[:s.train_batch_size])
+        batch.metrics.update({"rollout/gen_batches": float(gen_batches),
+                              "rollout/short_of_batch": float(max(s.train_batch_size - len(kept), 0))})
+        return batch
 
 
-SCORING_FAILURES = frozenset({"timeout", "worker_crashed", "error", "bad_request", "import_timeout"})
+SCORING_FAILURES = frozenset({"timeout", "worker_crashed", "error", "bad_request"})
 """Reward reasons (their first word) that mean no verdict was reached: counted in ``reward/failed``."""
 
 

@@ -6,7 +6,7 @@ response score 0.5 and acc true (every group all-equal), ``hang_or_parity`` slee
 ``hang``. They live in a file the pool's worker processes import by path. What the rollout did is read back through
 spies that change nothing: a wrapper of the engine that records every request, a wrapper of ``score_completions``
 that records every group and its reward results, and (for the shaping test) a wrapper of
-``OutcomeRollout._advantages`` that records the rewards each group's advantages are computed from.
+``GroupCollector._advantages`` that records the rewards each group's advantages are computed from.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from flash_rc.algo.advantages import (
 )
 from flash_rc.backends.local import rollout as rollout_module
 from flash_rc.backends.local.rollout import (
+    GroupCollector,
     OutcomeRollout,
     OutcomeSettings,
     request_seed,
@@ -292,13 +293,13 @@ def test_a_request_the_engine_fails_drops_its_group_and_is_counted(tiny_engine, 
 def test_overlong_shaping_adds_the_length_penalty_to_the_score(engine, prompts, scored, monkeypatch, max_resp_len,
                                                                buffer_length, penalty_factor, at_max_tokens):
     rewards_seen = []
-    real = OutcomeRollout._advantages
+    real = GroupCollector._advantages
 
     def spy(self, rewards):
         rewards_seen.append(rewards.clone())
         return real(self, rewards)
 
-    monkeypatch.setattr(OutcomeRollout, "_advantages", spy)
+    monkeypatch.setattr(GroupCollector, "_advantages", spy)
     overlong = OverlongConfig(max_response_length=max_resp_len, buffer_length=buffer_length,
                               penalty_factor=penalty_factor)
     sampler = PromptSampler(prompts(PARITY, 4), batch_size=4, seed=0)
