@@ -132,16 +132,17 @@ class RefSection(Section):
     fsdp_config: FSDPSection = FSDPSection()
 
 
-def check_actor(actor, rollout_n: int, train_batch_size: int, world_size: int) -> list[str]:
+def check_actor(actor, sequences_per_prompt: int, train_batch_size: int, world_size: int) -> list[str]:
     """Why the batch settings cannot be split as verl splits them (one line each), before anything starts."""
     problems = []
     if train_batch_size % actor.ppo_mini_batch_size:
         problems.append(f"data.train_batch_size={train_batch_size} is not a multiple of "
                         f"actor_rollout_ref.actor.ppo_mini_batch_size={actor.ppo_mini_batch_size}")
-    mini_sequences = actor.ppo_mini_batch_size * rollout_n
+    mini_sequences = actor.ppo_mini_batch_size * sequences_per_prompt
     if mini_sequences % world_size:
         problems.append(f"a mini-batch of {mini_sequences} sequences (actor_rollout_ref.actor.ppo_mini_batch_size × "
-                        f"actor_rollout_ref.rollout.n) does not split over {world_size} ranks")
+                        f"the sequences per prompt: rollout.n, or flash_rc.rc.n_summ × k) does not split over "
+                        f"{world_size} ranks")
         return problems
     per_rank = mini_sequences // world_size
     if not actor.use_dynamic_bsz:

@@ -163,13 +163,19 @@ class CycleScheduler:
             logger.warning("chain %s/%s failed: %s", chain.problem_id, chain.sample_id, chain.error)
         return chain
 
-    async def turn(self, chain: ChainState, turn_type: TurnType) -> Turn:
-        """Generate and record one turn of ``chain`` (retrying transient engine errors)."""
+    def messages(self, chain: ChainState, turn_type: TurnType) -> list[dict[str, str]]:
+        """The chat messages of ``chain``'s next turn of ``turn_type`` (the filled template, after the system
+        prompt when there is one)."""
         template = self.prompts.reasoning if turn_type == "reasoning" else self.prompts.summarization
-        prompt = template.fill(**chain.prompt_values(turn_type))
-        messages = [{"role": "user", "content": prompt}]
+        messages = [{"role": "user", "content": template.fill(**chain.prompt_values(turn_type))}]
         if self.config.system_prompt:
             messages.insert(0, {"role": "system", "content": self.config.system_prompt})
+        return messages
+
+    async def turn(self, chain: ChainState, turn_type: TurnType) -> Turn:
+        """Generate and record one turn of ``chain`` (retrying transient engine errors)."""
+        messages = self.messages(chain, turn_type)
+        prompt = messages[-1]["content"]
         request_id = turn_request_id(chain, turn_type)
         sampling = dataclasses.replace(
             self.sampling,

@@ -21,6 +21,7 @@ from flash_rc.backends.local.metrics import LOGGERS
 from flash_rc.config import EngineExtras, ModelSection, RolloutSection, Section
 from flash_rc.errors import ConfigError, InputNotFoundError, ModelNotFoundError
 from flash_rc.learner.config import ActorModelKeys, ActorSection, RefSection, check_actor
+from flash_rc.rc.states import RCTrainConfig
 
 
 class TrainDataSection(Section):
@@ -196,6 +197,13 @@ class TrainOptions(Section):
 class FlashRCTrainSection(Section):
     engine: EngineExtras = EngineExtras()
     train: TrainOptions = TrainOptions()
+    rc: RCTrainConfig = RCTrainConfig()
+
+
+def sequences_per_prompt(recipe: "TrainRecipe") -> int:
+    """Trained sequences each prompt of a step yields: ``rollout.n``, or N_summ × K states' turns with RC."""
+    rc = recipe.flash_rc.rc
+    return rc.n_summ * rc.k if rc.enable else recipe.actor_rollout_ref.rollout.n
 
 
 class TrainRecipe(Section):
@@ -220,7 +228,21 @@ def check_train_recipe(recipe: TrainRecipe, world_size: int) -> None:
     problems = []
     data, actor_rollout_ref = recipe.data, recipe.actor_rollout_ref
     rollout = actor_rollout_ref.rollout
-    problems += check_actor(actor_rollout_ref.actor, rollout.n, data.train_batch_size, world_size)
+    problems += check_actor(actor_rollout_ref.actor, sequences_per_prompt(recipe), data.train_batch_size, world_size)
+    rc = recipe.flash_rc.rc
+    if rc.enable:
+        if rc.k < 2:
+            problems.append(f"flash_rc.rc.k={rc.k}: {recipe.algorithm.adv_estimator} needs K >= 2 samples per state "
+                            "(a group of one has no baseline)")
+        if rollout.n != 1:
+            problems.append("actor_rollout_ref.rollout.n is not used with flash_rc.rc.enable (each state samples "
+                            "flash_rc.rc.k turns); leave it at 1")
+        if recipe.algorithm.filter_groups.enable:
+            problems.append("algorithm.filter_groups (dynamic sampling) is not supported with flash_rc.rc.enable")
+        if data.max_prompt_length + rc.max_thinking_tokens > rollout.max_model_len:
+            problems.append(f"data.max_prompt_length + flash_rc.rc.max_thinking_tokens = "
+                            f"{data.max_prompt_length + rc.max_thinking_tokens} exceeds "
+                            f"actor_rollout_ref.rollout.max_model_len={rollout.max_model_len}")
     if recipe.trainer.n_gpus_per_node != world_size:
         problems.append(f"trainer.n_gpus_per_node={recipe.trainer.n_gpus_per_node} but {world_size} processes run "
                         "(torchrun --nproc_per_node)")

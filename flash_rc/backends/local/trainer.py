@@ -27,7 +27,7 @@ from typing import Any
 import torch.distributed as dist
 
 from flash_rc.backends.local.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from flash_rc.backends.local.config import TrainRecipe, check_train_recipe
+from flash_rc.backends.local.config import TrainRecipe, check_train_recipe, sequences_per_prompt
 from flash_rc.backends.local.rollout import (
     OutcomeRollout,
     OutcomeSettings,
@@ -105,6 +105,24 @@ def _outcome_settings(recipe: TrainRecipe):
     )
 
 
+def _rollout_source(recipe: TrainRecipe, engine, sampler, shards: RolloutShards, train, world: World):
+    """Plain outcome RL, or RC states (``flash_rc.rc.enable``) with the summary replay buffer when it is on."""
+    rc = recipe.flash_rc.rc
+    if not rc.enable:
+        return OutcomeRollout(engine, sampler, _outcome_settings(recipe), shards)
+    from flash_rc.backends.local.rc_rollout import RCRollout
+    from flash_rc.rc.replay import SummaryReplayBuffer
+
+    buffer = None
+    if rc.replay.enable:
+        buffer = SummaryReplayBuffer(rc.replay, seed=recipe.flash_rc.train.rollout_seed)
+        if rc.replay.initial_path:
+            counts = buffer.load_initial(rc.replay.initial_path, {p.uid for p in train.prompts})
+            if world.is_main:
+                print(f"flash-rc train: replay buffer {rc.replay.initial_path}: {counts}", flush=True)
+    return RCRollout(engine, sampler, _outcome_settings(recipe), rc, buffer, shards)
+
+
 def _recipe_yaml(recipe: TrainRecipe) -> str:
     from omegaconf import OmegaConf
 
@@ -145,8 +163,7 @@ def run_training(recipe: TrainRecipe) -> dict[str, Any]:
             from flash_rc.rollout.engine import RolloutEngine
 
             engine = RolloutEngine(rank_engine_config(recipe, world, every_rank))
-        source = OutcomeRollout(engine, sampler, _outcome_settings(recipe),
-                                RolloutShards(world if every_rank else None))
+        source = _rollout_source(recipe, engine, sampler, RolloutShards(world if every_rank else None), train, world)
         if resume is not None:
             state = load_checkpoint(resume[1], learner, world)
             start_step = state["step"]
@@ -224,11 +241,13 @@ def _train_step(step: int, source, learner, engine, world: World, recipe: TrainR
     ref = learner.log_probs(sequences, rollout.temperature, reference=True) if actor.use_kl_loss else None
     metrics["timing_s/old_log_prob"] = time.perf_counter() - phase
     phase = time.perf_counter()
-    metrics.update(learner.update(sequences, old, ref, rollout.temperature, actor.ppo_mini_batch_size * rollout.n))
+    metrics.update(learner.update(sequences, old, ref, rollout.temperature,
+                                  actor.ppo_mini_batch_size * sequences_per_prompt(recipe)))
     update_seconds = time.perf_counter() - phase
-    if metrics["actor/nonfinite_grad_skipped_steps"] and world.is_main:
-        print(f"flash-rc train: step {step}: non-finite gradient norm, {metrics['actor/nonfinite_grad_skipped_steps']:.0f}"
-              " optimizer step(s) skipped (weights unchanged by them)", flush=True)
+    skipped = metrics["actor/nonfinite_grad_skipped_steps"]
+    if skipped and world.is_main:
+        print(f"flash-rc train: step {step}: non-finite gradient norm, {skipped:.0f} optimizer step(s) skipped "
+              "(weights unchanged by them)", flush=True)
     tokens = sum(s.num_tokens for s in sequences) * actor.ppo_epochs
     metrics.update({"timing_s/update": update_seconds, "perf/learner_tokens_per_s": tokens / max(update_seconds, 1e-9),
                     "actor/empty_step": 0.0})
