@@ -85,6 +85,7 @@ run-verl-tests:
 
 bench: install
 	$(BIN)/python bench/rc_scheduler.py
+	$(BIN)/python bench/rc_step.py
 	$(BIN)/python bench/rewards.py
 	$(BIN)/python bench/rollout_precision.py
 	$(BIN)/python bench/engine_overhead.py --preload tcmalloc,iomp

@@ -37,9 +37,25 @@ class SimulatedEngine:
         problem, _, turn_type, number, _ = request_id.rsplit("|", 4)
         kind = "summary" if turn_type == "summarization" else "reasoning"
         length = self.lengths[(problem, kind, int(number))]
-        async with self.slots:
-            await asyncio.sleep(length * self.token_s)
+        await self.decode(length)
         return [Completion([0], [0] * length, kind, [0.0] * length, "stop", 0, 0)]
+
+    async def decode(self, length: int) -> float:
+        """Hold one slot for ``length`` tokens; returns when decoding started (after the wait for a slot)."""
+        async with self.slots:
+            started = time.perf_counter()
+            await asyncio.sleep(length * self.token_s)
+        return started
+
+
+def reasoning_length(rng: random.Random, h_r: int) -> int:
+    """A reasoning turn's length: lognormal, median ~2k tokens, clipped at the budget H_R."""
+    return min(h_r, int(rng.lognormvariate(7.6, 0.9)))
+
+
+def summary_length(rng: random.Random, h_s: int) -> int:
+    """A summary's length: lognormal, median ~400 tokens, clipped at the budget H_S."""
+    return min(h_s, int(rng.lognormvariate(6.0, 0.6)))
 
 
 def draw_lengths(chains: int, cycles: int, h_r: int, h_s: int, seed: int) -> dict[tuple[str, str, int], int]:
@@ -47,8 +63,8 @@ def draw_lengths(chains: int, cycles: int, h_r: int, h_s: int, seed: int) -> dic
     lengths = {}
     for c in range(chains):
         for t in range(1, cycles + 1):
-            lengths[(f"p{c}", "reasoning", t)] = min(h_r, int(rng.lognormvariate(7.6, 0.9)))  # median ~2k tokens
-            lengths[(f"p{c}", "summary", t)] = min(h_s, int(rng.lognormvariate(6.0, 0.6)))  # median ~400 tokens
+            lengths[(f"p{c}", "reasoning", t)] = reasoning_length(rng, h_r)
+            lengths[(f"p{c}", "summary", t)] = summary_length(rng, h_s)
     return lengths
 
 
