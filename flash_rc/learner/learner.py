@@ -23,6 +23,7 @@ collectives always pair up.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from flash_rc.algo.rollout_correction import RolloutCorrectionConfig
 from flash_rc.errors import WeightUpdateError
 from flash_rc.kernels import fused_tis_loss
 from flash_rc.learner.batch import TrainSequence, make_micro_batch, pad_rows, split_micro_batches
+from flash_rc.learner.config import ActorModelKeys, ActorSection
 from flash_rc.learner.distributed import World
 from flash_rc.learner.model import build_policy, checkpoint_dtype
 from flash_rc.learner.schedule import make_lr_scheduler, resolve_warmup_steps
@@ -46,10 +48,10 @@ from flash_rc.learner.schedule import make_lr_scheduler, resolve_warmup_steps
 class LearnerSettings:
     """What the learner needs from a recipe (see ``flash_rc.learner.config`` for each key)."""
 
-    actor: object
-    """``actor_rollout_ref.actor`` (ActorSection)."""
-    model: object
-    """``actor_rollout_ref.model`` learner keys (ActorModelKeys)."""
+    actor: ActorSection
+    """``actor_rollout_ref.actor``."""
+    model: ActorModelKeys
+    """``actor_rollout_ref.model``'s learner keys."""
     correction: RolloutCorrectionConfig
     total_steps: int
     """Optimizer schedule length (training steps)."""
@@ -128,8 +130,8 @@ class Learner:
         warmup = resolve_warmup_steps(optim.lr_warmup_steps, optim.lr_warmup_steps_ratio, settings.total_steps)
         self.scheduler = make_lr_scheduler(self.optimizer, settings.total_steps, warmup, optim.schedule,
                                            min_lr_ratio=optim.min_lr_ratio, num_cycles=optim.num_cycles)
-        tokenizer_config = self.policy.causal_lm.config
-        self.pad_token_id = tokenizer_config.pad_token_id if tokenizer_config.pad_token_id is not None else 0
+        pad_token_id = self.policy.causal_lm.config.pad_token_id
+        self.pad_token_id = 0 if pad_token_id is None else pad_token_id  # padding is masked: any id will do
         self.skipped_steps = 0
 
     # ------------------------------------------------------------------ shares of a batch
@@ -205,7 +207,7 @@ class Learner:
                     self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
         with warnings.catch_warnings():  # the schedule follows training steps, also when a step's update was skipped
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             self.scheduler.step()
         self.skipped_steps += skipped
         result = metrics.result(self.world, steps)
