@@ -6,10 +6,12 @@ One collection (``../shared/docs/reasoning-cache.md`` §2.1, with the states of 
    on and the problem in it — one chain per sampled buffer entry, from that summary at its depth;
 2. run every chain's ``t_train`` cycles with the async scheduler (no phase barriers: each chain issues its next
    turn as soon as its last one finished), every reasoning turn graded for the online metrics;
-3. per finished chain, draw ``n_summ`` states and sample K = ``k`` reasoning turns from each (vLLM ``n=K`` on one
-   prompt: one prefill, shared prefix), score each turn on its own answer, GRPO per (problem, state) — through the
-   same :class:`~flash_rc.backends.local.rollout.GroupCollector` as plain outcome RL, so rewards, shaping,
-   advantages and metrics mean the same;
+3. the moment a chain finishes, draw its ``n_summ`` states and put K = ``k`` reasoning turns per state in flight
+   (vLLM ``n=K`` on one prompt: one prefill, shared prefix) beside the chains still running — no barrier between
+   online and training rollouts (``bench/rc_step.py``: 14% of a step at 256 engine slots); once all are back, score
+   each turn on its own answer, GRPO per (problem, state) — through the same
+   :class:`~flash_rc.backends.local.rollout.GroupCollector` as plain outcome RL, so rewards, shaping, advantages and
+   metrics mean the same;
 4. add every finished chain's contexts to the buffer (``purge_on_add``: only the latest chain's are kept).
 
 Only the states' reasoning turns are trained: their prompt is the summary-conditioned I_R, their response the
@@ -26,7 +28,14 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 
-from flash_rc.backends.local.rollout import GroupCollector, OutcomeSettings, RolloutBatch, RolloutShards, request_seed
+from flash_rc.backends.local.rollout import (
+    GroupCollector,
+    OutcomeSettings,
+    RolloutBatch,
+    RolloutShards,
+    request_seed,
+    submit_prompts,
+)
 from flash_rc.data.prompts import PromptSampler, TrainPrompt
 from flash_rc.rc.grading import make_grader
 from flash_rc.rc.replay import SummaryReplayBuffer
@@ -101,44 +110,42 @@ class RCRollout:
                 chains.append(((index, sample_id), (prompt, chain, initial_context(chain, self.rc.mode))))
         return chains
 
-    def _run_chains(self, step: int, chains: list[ChainState]) -> CycleScheduler:
-        sampling = SamplingConfig(temperature=self.settings.temperature)
-        scheduler = CycleScheduler(self.engine, cycle_config(self.rc, request_seed(self.rc.seed, "rc", step)),
-                                   sampling, grader=make_grader("data_source"))
-        asyncio.run(scheduler.run(chains))
-        return scheduler
-
-    # ------------------------------------------------------------------ one step
-
     def collect(self, step: int) -> RolloutBatch:
         s = self.settings
         started = time.perf_counter()
         prompts = self.sampler.next_batch()
         local = self._chains(prompts)
-        scheduler = self._run_chains(step, [chain for _, (_, chain, _) in local])
-        chains = [entry for _, entry in self.shards.merge(local)]
-        online_seconds = time.perf_counter() - started
-
-        finished = [(p, c, initial) for p, c, initial in chains if c.status == "done"]
-        states: list[tuple[TrainPrompt, TrainingState]] = []
-        for prompt, chain, initial in finished:
-            rng = random.Random(request_seed(s.rollout_seed, "states", step, chain.problem_id, chain.sample_id))
-            states += [(prompt, state) for state in draw_states(chain, chain_contexts(chain, self.rc.mode, initial),
-                                                                self.rc, rng)]
-        state_prompts = [self._state_prompt(scheduler, prompt, state) for prompt, state in states]
+        entry_of = {id(chain): (key, prompt, initial) for key, (prompt, chain, initial) in local}
+        scheduler = CycleScheduler(self.engine, cycle_config(self.rc, request_seed(self.rc.seed, "rc", step)),
+                                   SamplingConfig(temperature=s.temperature), grader=make_grader("data_source"))
         collector = GroupCollector(self.engine, s, self.shards)
         sampling = SamplingConfig(max_tokens=self.rc.max_thinking_tokens, n=self.rc.k, temperature=s.temperature)
-        groups = collector.sample(state_prompts, [request_seed(s.rollout_seed, step, p.uid) for p in state_prompts],
-                                  sampling)
-        state_of = {p.uid: state for p, (_, state) in zip(state_prompts, states)}
-        metadata = [[self._metadata(state_of[g.prompt.uid], c) for c in g.completions] for g in groups]
-        batch = collector.batch(groups, metadata)
+        pending = []
 
+        def start_states(chain: ChainState) -> None:
+            """A finished chain's states go to the engine at once, beside the chains still running."""
+            if chain.status != "done":
+                return
+            key, prompt, initial = entry_of[id(chain)]
+            rng = random.Random(request_seed(s.rollout_seed, "states", step, chain.problem_id, chain.sample_id))
+            for state in draw_states(chain, chain_contexts(chain, self.rc.mode, initial), self.rc, rng):
+                state_prompt = self._state_prompt(scheduler, prompt, state)
+                (future,) = submit_prompts(self.engine, [state_prompt], sampling,
+                                           [request_seed(s.rollout_seed, step, state_prompt.uid)])
+                pending.append(((*key, state.index), state_prompt, state, future))
+
+        asyncio.run(scheduler.run([chain for _, (_, chain, _) in local], on_chain_done=start_states))
+        online_seconds = time.perf_counter() - started
+        groups = collector.gather(pending)  # every rank's, in (problem, sample, state) order
+        chains = [entry for _, entry in self.shards.merge(local)]
+        metadata = [[self._metadata(g.info, c) for c in g.completions] for g in groups]
+        batch = collector.batch(groups, metadata)
         if self.buffer is not None:
-            for _, chain, initial in finished:
-                self.buffer.add_chain(chain.problem_id, buffer_entries(chain, chain_contexts(chain, self.rc.mode,
-                                                                                             initial)), step)
-        batch.metrics.update(self._metrics(chains, groups, state_of, online_seconds))
+            for _, chain, initial in chains:
+                if chain.status == "done":
+                    self.buffer.add_chain(chain.problem_id,
+                                          buffer_entries(chain, chain_contexts(chain, self.rc.mode, initial)), step)
+        batch.metrics.update(self._metrics(chains, groups, online_seconds))
         batch.metrics["rollout/gen_batches"] = 1.0
         batch.metrics["rollout/short_of_batch"] = float(max(len(prompts) * self.rc.n_summ - len(groups), 0))
         return batch
@@ -158,7 +165,7 @@ class RCRollout:
                 "cycle_step": 2 * state.index, "turn_type": "reasoning", "turn_number": state.index + 1,
                 "model_version": completion.model_version, "starting_step": state.depth}
 
-    def _metrics(self, chains, groups, state_of, online_seconds: float) -> dict[str, float]:
+    def _metrics(self, chains, groups, online_seconds: float) -> dict[str, float]:
         done = [chain for _, chain, _ in chains if chain.status == "done"]
         first = [bool(c.reasoning_turns[0].correct) for c in done if c.reasoning_turns]
         last = [bool(c.reasoning_turns[-1].correct) for c in done if c.reasoning_turns]
@@ -178,7 +185,7 @@ class RCRollout:
         }
         by_depth: dict[int, list[float]] = {}
         for group in groups:
-            by_depth.setdefault(state_of[group.prompt.uid].depth, []).extend(float(r["acc"]) for r in group.results)
+            by_depth.setdefault(group.info.depth, []).extend(float(r["acc"]) for r in group.results)
         depths = Counter({depth: len(values) for depth, values in by_depth.items()})
         for depth, values in sorted(by_depth.items()):
             metrics[f"rc/train/acc_depth_{depth}"] = mean(values)

@@ -20,6 +20,7 @@ One collection:
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import time
 from collections import Counter
@@ -86,20 +87,28 @@ def request_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
-def sample_prompts(engine, prompts: Sequence[TrainPrompt], sampling: SamplingConfig, seeds: Sequence[int | None]
-                   ) -> list[list[Completion] | BaseException]:  # fmt: skip
-    """``sampling.n`` completions per prompt, all requests in flight together; a failed request gives its error."""
-    futures = []
-    for prompt, seed in zip(prompts, seeds):
-        request = SamplingConfig(**{**vars(sampling), "seed": seed})
-        futures.append(engine.submit(list(prompt.prompt_token_ids), request, request_id=prompt.uid))
+def submit_prompts(engine, prompts: Sequence[TrainPrompt], sampling: SamplingConfig, seeds: Sequence[int | None]
+                   ) -> list[concurrent.futures.Future]:  # fmt: skip
+    """Put every prompt in flight (``sampling.n`` samples each, its own seed); the futures resolve to completions."""
+    return [engine.submit(list(prompt.prompt_token_ids), SamplingConfig(**{**vars(sampling), "seed": seed}),
+                          request_id=prompt.uid) for prompt, seed in zip(prompts, seeds)]
+
+
+def wait_all(futures: Sequence[concurrent.futures.Future]) -> list[list[Completion] | BaseException]:
+    """Each future's completions, or its error: one failed request must not stop the step."""
     results: list[list[Completion] | BaseException] = []
     for future in futures:
         try:
             results.append(future.result())
-        except Exception as error:  # noqa: BLE001 - one failed request must not stop the step
+        except Exception as error:  # noqa: BLE001
             results.append(error)
     return results
+
+
+def sample_prompts(engine, prompts: Sequence[TrainPrompt], sampling: SamplingConfig, seeds: Sequence[int | None]
+                   ) -> list[list[Completion] | BaseException]:  # fmt: skip
+    """``sampling.n`` completions per prompt, all requests in flight together; a failed request gives its error."""
+    return wait_all(submit_prompts(engine, prompts, sampling, seeds))
 
 
 def score_completions(prompts: Sequence[TrainPrompt], completions: Sequence[Sequence[Completion]]
@@ -141,14 +150,15 @@ class RolloutShards:
             return list(range(count))
         return list(range(self.world.rank, count, self.world.size))
 
-    def merge(self, entries: list[tuple[int, object]]) -> list[tuple[int, object]]:
-        if self.world is None or self.world.size == 1:
-            return entries
-        import torch.distributed as dist
+    def merge(self, entries: list[tuple[object, object]]) -> list[tuple[object, object]]:
+        """Every rank's ``(key, value)`` entries, sorted by key (keys must be comparable and unique)."""
+        if self.world is not None and self.world.size > 1:
+            import torch.distributed as dist
 
-        parts: list = [None] * self.world.size
-        dist.all_gather_object(parts, entries)
-        return sorted((entry for part in parts for entry in part), key=lambda entry: entry[0])
+            parts: list = [None] * self.world.size
+            dist.all_gather_object(parts, entries)
+            entries = [entry for part in parts for entry in part]
+        return sorted(entries, key=lambda entry: entry[0])
 
 
 @dataclass
@@ -160,6 +170,8 @@ class Group:
     results: list[dict]
     rewards: torch.Tensor
     advantages: torch.Tensor
+    info: object = None
+    """What the source attached to the prompt (RC: its training state)."""
 
 
 class GroupCollector:
@@ -179,18 +191,29 @@ class GroupCollector:
         self.started = time.perf_counter()
 
     def sample(self, prompts: Sequence[TrainPrompt], seeds: Sequence[int], sampling: SamplingConfig) -> list[Group]:
-        """One group per prompt that the engine served (in prompt order), ``sampling.n`` samples each."""
+        """One group per prompt that the engine served (in prompt order), ``sampling.n`` samples each; this rank
+        samples its share (:class:`RolloutShards`)."""
         mine = self.shards.mine(len(prompts))
-        outputs = sample_prompts(self.engine, [prompts[i] for i in mine], sampling, [seeds[i] for i in mine])
-        served = [(i, o) for i, o in zip(mine, outputs) if not isinstance(o, BaseException)]
-        scoring_started = time.perf_counter()
-        results = score_completions([prompts[i] for i, _ in served], [o for _, o in served])
-        self.scoring_seconds += time.perf_counter() - scoring_started
-        scored = self.shards.merge([(i, (o, r)) for (i, o), r in zip(served, results)])
-        self.failed_requests += len(prompts) - len(scored)
-        return [self._group(prompts[i], completions, group_results) for i, (completions, group_results) in scored]
+        futures = submit_prompts(self.engine, [prompts[i] for i in mine], sampling, [seeds[i] for i in mine])
+        return self.gather([(i, prompts[i], None, future) for i, future in zip(mine, futures)])
 
-    def _group(self, prompt: TrainPrompt, completions: list[Completion], results: list[dict]) -> Group:
+    def gather(self, pending: Sequence[tuple[object, TrainPrompt, object, concurrent.futures.Future]]) -> list[Group]:
+        """Wait for submitted requests ``(key, prompt, info, future)``, score what was served, merge every rank's
+        (ordered by key) and make the groups; ``info`` rides along to :attr:`Group.info`."""
+        outputs = wait_all([future for *_, future in pending])
+        served = [(key, prompt, info, o) for (key, prompt, info, _), o in zip(pending, outputs)
+                  if not isinstance(o, BaseException)]
+        scoring_started = time.perf_counter()
+        results = score_completions([prompt for _, prompt, _, _ in served], [o for *_, o in served])
+        self.scoring_seconds += time.perf_counter() - scoring_started
+        entries = [(key, (prompt, info, o, r)) for (key, prompt, info, o), r in zip(served, results)]
+        failed = [(key, None) for (key, *_), o in zip(pending, outputs) if isinstance(o, BaseException)]
+        merged = self.shards.merge(entries + failed)
+        self.failed_requests += sum(entry is None for _, entry in merged)
+        return [self._group(prompt, completions, group_results, info)
+                for _, entry in merged if entry is not None for prompt, info, completions, group_results in [entry]]
+
+    def _group(self, prompt: TrainPrompt, completions: list[Completion], results: list[dict], info=None) -> Group:
         s = self.settings
         self.groups_seen += 1
         lengths = [len(c.token_ids) for c in completions]
@@ -203,7 +226,7 @@ class GroupCollector:
         self.penalties += penalty.tolist()
         self.lengths += lengths
         self.acc += [float(r["acc"]) for r in results]
-        return Group(prompt, completions, results, rewards, self._advantages(rewards))
+        return Group(prompt, completions, results, rewards, self._advantages(rewards), info)
 
     def _advantages(self, rewards: torch.Tensor) -> torch.Tensor:
         group = [0] * rewards.numel()
