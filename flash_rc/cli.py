@@ -53,6 +53,16 @@ class ArgumentParser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see {self.prog} --help)")
 
 
+def recipe_arguments(prog: str, description: str, example: str, argv: list[str]) -> argparse.Namespace:
+    """The arguments every recipe command takes: ``--config RECIPE``, ``key=value`` overrides (flags may come after
+    them), ``--no-progress``."""
+    parser = ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", help="recipe YAML (verl key names + flash_rc section)")
+    parser.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser.parse_intermixed_args(argv)
+
+
 def _report(command: str, message: str, status: int) -> int:
     summary, *details = message.strip().splitlines()
     lines = [f"flash-rc {command}: error: {summary}"] + [f"  {line.lstrip()}" for line in details if line.strip()]

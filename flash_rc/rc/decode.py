@@ -143,13 +143,9 @@ def _open_output(path):
 
 
 def main(argv: list[str]) -> int:
-    from flash_rc.cli import ArgumentParser
+    from flash_rc.cli import recipe_arguments
 
-    parser = ArgumentParser(prog="flash-rc decode", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="recipe YAML (verl key names + flash_rc section)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. flash_rc.rc.num_cycles=4")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_intermixed_args(argv)  # flags may come after the overrides
+    args = recipe_arguments("flash-rc decode", __doc__.split("\n\n")[0], "flash_rc.rc.num_cycles=4", argv)
     recipe = load_recipe(DecodeRecipe, args.config, args.overrides)
     summary = run_decode(recipe, progress=not args.no_progress)
     print(format_summary(summary))

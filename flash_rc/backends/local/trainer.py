@@ -274,13 +274,9 @@ def _train_step(step: int, source, learner, engine, world: World, recipe: TrainR
 
 
 def main(argv: list[str]) -> int:
-    from flash_rc.cli import ArgumentParser
+    from flash_rc.cli import recipe_arguments
 
-    parser = ArgumentParser(prog="flash-rc train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="recipe YAML (verl key names + flash_rc section)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.total_training_steps=2")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_intermixed_args(argv)  # flags may come after the overrides
+    args = recipe_arguments("flash-rc train", __doc__.split("\n\n")[0], "trainer.total_training_steps=2", argv)
     recipe = load_recipe(TrainRecipe, args.config, args.overrides)
     if args.no_progress:
         recipe.flash_rc.train.progress = False
