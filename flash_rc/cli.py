@@ -39,6 +39,7 @@ SUBCOMMANDS = {
     "data": ("flash_rc.data.cli", "GSM8K / math / built-in arithmetic data as verl parquet rows, validate files"),
     "models": ("flash_rc.models", "build / list the offline built-in models"),
     "quantize": ("flash_rc.rollout.checkpoint", "export an INT8/FP8 compressed-tensors W8A8 checkpoint from bf16"),
+    "eval": ("flash_rc.eval.cli", "checkpoint sweeps on GSM8K: one engine, resumable CSV, generations, plot, report"),
 }
 
 
@@ -122,7 +123,7 @@ def _subcommand_main(command: str) -> Callable[[list[str]], int]:
     return lambda argv: importlib.import_module(SUBCOMMANDS[command][0]).main(argv)
 
 
-ENGINE_COMMANDS = frozenset({"decode", "train"})
+ENGINE_COMMANDS = frozenset({"decode", "eval", "train"})
 """Subcommands that run a rollout engine: as a process's entry point they re-execute once with the libraries of
 ``flash_rc.launch`` preloaded."""
 
