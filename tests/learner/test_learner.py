@@ -177,3 +177,15 @@ def test_kl_loss_and_entropy_bonus(world, tiny_model, sequences):
     assert first["actor/kl_loss"] == pytest.approx(0.0, abs=1e-6) and first["actor/entropy"] > 0
     second = learner.update(sequences, old, ref, TEMPERATURE, mini_batch_sequences=8)
     assert second["actor/kl_loss"] > 0  # the policy moved away from the frozen reference
+
+
+def test_activation_checkpointing_gives_the_same_gradient(world, tiny_model, sequences):
+    plain = Learner(tiny_model, settings(), world)
+    old = plain.log_probs(sequences, TEMPERATURE)
+    expected, _ = gradients_of(plain, sequences, old)
+    checkpointed = Learner(tiny_model, replace(settings(), model=ActorModelKeys(enable_gradient_checkpointing=True)),
+                           world)
+    assert checkpointed.policy.causal_lm.is_gradient_checkpointing
+    got, _ = gradients_of(checkpointed, sequences, old)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
