@@ -508,7 +508,8 @@ def _load(engine, checkpoint: Checkpoint, settings: SweepSettings, output: Path,
 
 def format_summary(summary: SweepSummary) -> str:
     """What the sweep did, each row's strict accuracy, and the time saved by streaming instead of restarting."""
-    lines = [f"{'run':<24} {'step':>6} {'strict':>7} {'flexible':>8} {'seconds':>8}  error"] if summary.evaluated else []
+    header = f"{'run':<24} {'step':>6} {'strict':>7} {'flexible':>8} {'seconds':>8}  error"
+    lines = [header] if summary.evaluated else []
     for row in summary.evaluated:
         step = "-" if row["step"] is None else row["step"]
         lines.append(f"{row['run'][:24]:<24} {step!s:>6} "

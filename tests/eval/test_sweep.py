@@ -62,7 +62,8 @@ def test_problems_from_verl_parquet_keep_the_rows_prompt(tmp_path):
     ('{"question": "q"}', r"bad\.jsonl:2: no ground truth"),
     ('{"answer": "#### 3"}', r"bad\.jsonl:2: no problem text"),
     ('{"question": "q", "answer": "#### 3"', r"bad\.jsonl:2: invalid JSON"),
-    ('{"question": "q", "answer": "#### 3", "data_source": "nobody/knows"}', r"bad\.jsonl:2: no scorer for data_source"),
+    ('{"question": "q", "answer": "#### 3", "data_source": "nobody/knows"}',
+     r"bad\.jsonl:2: no scorer for data_source"),
 ])
 def test_a_bad_row_names_its_line(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
@@ -77,7 +78,8 @@ def _problem(truth="18", source="openai/gsm8k", gsm8k=True):
 
 def test_samples_are_scored_strict_per_cycle_and_flexible_on_the_last(monkeypatch):
     monkeypatch.setenv("FLASH_RC_REWARD_WORKERS", "1")
-    sample = SampleResult(_problem(), 0, [CycleResult("so #### 18", "I found 18."), CycleResult("The answer is 18 dollars", None)])
+    sample = SampleResult(_problem(), 0, [CycleResult("so #### 18", "I found 18."),
+                                          CycleResult("The answer is 18 dollars", None)])
     asyncio.run(_score_sample(sample))
     # cycle 1 has "#### 18" (strict: right), cycle 2 only a bare 18 (strict: no answer; flexible: last number 18;
     # verl's flexible rule would read "18." before a full stop, hence "dollars")
