@@ -89,6 +89,12 @@ def _checkpoint_label(row: dict[str, str]) -> str:
     return f"{row['run']}{step} · {row['precision']} · {row['mode']}{cycles} · {row['settings_hash']}"
 
 
+def _accuracy_limits(accuracies: list[float]) -> tuple[float, float]:
+    """Y limits from 0 (drawn a little below, so points at 0 show) to the best accuracy plus 15%: 0.1 to 1.02."""
+    top = min(1.02, max(0.1, 1.15 * max(accuracies, default=0.0)))
+    return -0.03 * top, top
+
+
 def write_plot(sweep_dir: str | Path) -> Path:
     """Draw ``sweep_dir/gsm8k.png`` from ``gsm8k.csv`` (atomically) and return its path; error rows are left out."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -122,7 +128,8 @@ def write_plot(sweep_dir: str | Path) -> Path:
     by_step = figure.add_subplot(1, panels, 1)
     for (run, precision, mode), points in lines.items():
         points.sort()
-        by_step.plot([s for s, _ in points], [a for _, a in points], marker="o", label=f"{run} · {precision} · {mode}")
+        steps, accuracies = zip(*points)
+        by_step.plot(steps, accuracies, marker="o", label=f"{run} · {precision} · {mode}")
     for label, strict in references:
         by_step.axhline(strict, linestyle=":", color="gray", label=f"{label} (no step)")
     by_step.set(title="GSM8K accuracy (strict) vs step", xlabel="training step", ylabel="accuracy (strict, mean@n)")
@@ -130,6 +137,7 @@ def write_plot(sweep_dir: str | Path) -> Path:
         by_step.text(0.5, 0.5, "no scored checkpoint yet", ha="center", va="center", transform=by_step.transAxes)
     else:
         by_step.legend(fontsize="small")
+    by_step.set_ylim(_accuracy_limits([a for points in lines.values() for _, a in points] + [a for _, a in references]))
     by_step.xaxis.get_major_locator().set_params(integer=True)
     by_step.grid(alpha=0.3)
     if cycle_curves:
@@ -137,6 +145,7 @@ def write_plot(sweep_dir: str | Path) -> Path:
         for label, per_cycle in cycle_curves:
             by_cycle.plot(range(1, len(per_cycle) + 1), per_cycle, marker="o", label=label)
         by_cycle.set(title="accuracy (strict) after each RC cycle", xlabel="RC cycle", ylabel="accuracy (strict)")
+        by_cycle.set_ylim(_accuracy_limits([a for _, per_cycle in cycle_curves for a in per_cycle]))
         by_cycle.xaxis.get_major_locator().set_params(integer=True)
         by_cycle.legend(fontsize="small")
         by_cycle.grid(alpha=0.3)

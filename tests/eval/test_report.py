@@ -65,7 +65,8 @@ def _write_sweep(directory: Path, rows=ROWS, header=HEADER) -> Path:
         writer = csv.DictWriter(handle, fieldnames=header, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    for name, records in ((SINGLE_JSONL, SINGLE_RECORDS), (RC_JSONL, RC_RECORDS)):
+    # the RC file lists its problems in completion order (here: reversed); the viewer sorts them by id
+    for name, records in ((SINGLE_JSONL, SINGLE_RECORDS), (RC_JSONL, RC_RECORDS[::-1])):
         (directory / name).write_text("".join(json.dumps(r) + "\n" for r in records))
     return directory
 
@@ -109,7 +110,7 @@ def test_report_embeds_rows_plot_and_generations(sweep):
     assert data["columns"] == HEADER
     assert data["rows"] == [[row[name] for name in HEADER] for row in ROWS]
     # the error row has no generations: two checkpoints in the viewer, each with its records as written
-    assert [c["records"] for c in data["checkpoints"]] == [SINGLE_RECORDS, RC_RECORDS]
+    assert [c["records"] for c in data["checkpoints"]] == [SINGLE_RECORDS, RC_RECORDS[::-1]]
     assert data["checkpoints"][1]["label"] == "tiny step 2 · bf16 · rc ×2 · bbbbbbbbbbbb"
     # write_report drew the missing plot and embedded exactly its bytes
     uri = re.search(r'<img id="plot"[^>]* src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html).group(1)
@@ -191,6 +192,8 @@ def test_report_in_a_browser(sweep, page, tmp_path):
     # the first checkpoint (single mode) is selected at load: all 4 samples listed
     assert page.locator("#problem-list li").count() == 4
     page.select_option("#checkpoint-filter", index=1)  # tiny step 2, RC with 2 cycles
+    problem_ids = "lis => lis.map(li => li.dataset.problemId)"
+    assert page.eval_on_selector_all("#problem-list li", problem_ids) == ["gsm8k-0", "gsm8k-1", "gsm8k-2", "gsm8k-3"]
     page.click('#problem-list li[data-problem-id="gsm8k-2"]')
     assert page.locator("#chain-view .cycle").count() == 2
     chain = page.inner_text("#chain-view")
@@ -207,7 +210,7 @@ def test_report_in_a_browser(sweep, page, tmp_path):
 
     # RC checkpoint: gsm8k-3 is the one problem still wrong after the last cycle
     page.select_option("#correct-filter", "incorrect")
-    assert page.eval_on_selector_all("#problem-list li", "lis => lis.map(li => li.dataset.problemId)") == ["gsm8k-3"]
+    assert page.eval_on_selector_all("#problem-list li", problem_ids) == ["gsm8k-3"]
     page.select_option("#correct-filter", "correct")
     assert page.locator("#problem-list li.incorrect").count() == 0
     assert page.locator("#problem-list li.correct").count() == 3
