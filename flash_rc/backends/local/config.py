@@ -239,10 +239,6 @@ def check_train_recipe(recipe: TrainRecipe, world_size: int) -> None:
                             "flash_rc.rc.k turns); leave it at 1")
         if recipe.algorithm.filter_groups.enable:
             problems.append("algorithm.filter_groups (dynamic sampling) is not supported with flash_rc.rc.enable")
-        if data.max_prompt_length + rc.max_thinking_tokens > rollout.max_model_len:
-            problems.append(f"data.max_prompt_length + flash_rc.rc.max_thinking_tokens = "
-                            f"{data.max_prompt_length + rc.max_thinking_tokens} exceeds "
-                            f"actor_rollout_ref.rollout.max_model_len={rollout.max_model_len}")
     if recipe.trainer.n_gpus_per_node != world_size:
         problems.append(f"trainer.n_gpus_per_node={recipe.trainer.n_gpus_per_node} but {world_size} processes run "
                         "(torchrun --nproc_per_node)")
@@ -271,3 +267,43 @@ def check_train_recipe(recipe: TrainRecipe, world_size: int) -> None:
     from flash_rc.rollout.engine import check_platform_support
 
     check_platform_support(engine_config(recipe), on_cpu=not torch.cuda.is_available())
+    if rc.enable:
+        check_rc_lengths(recipe)
+        if rc.replay.enable and rc.replay.initial_path:  # a corrupt buffer file fails here, naming its line
+            from flash_rc.rc.replay import SummaryReplayBuffer
+
+            SummaryReplayBuffer(rc.replay).load_initial(rc.replay.initial_path, known_problem_ids=())
+
+
+def check_rc_lengths(recipe: TrainRecipe) -> None:
+    """RC turns fit the context: the longest prompt each turn type can have (template + problem + the summaries and
+    reasoning it carries) plus its budget, with the problem bounded by ``data.max_prompt_length``."""
+    from transformers import AutoTokenizer
+
+    from flash_rc.chat import prompt_token_ids
+    from flash_rc.models import resolve_model
+    from flash_rc.rc.scheduler import CyclePrompts
+    from flash_rc.rc.states import cycle_config
+
+    rc, data = recipe.flash_rc.rc, recipe.data
+    max_model_len = recipe.actor_rollout_ref.rollout.max_model_len
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(recipe.actor_rollout_ref.model.path))
+    prompts = CyclePrompts.from_config(cycle_config(rc, seed=0))
+    # summaries: H_S each ("append" keeps all t_train of them); reasoning traces (baselines): H_R each
+    context = rc.max_summary_tokens * (rc.t_train if rc.summary_mode == "append" else 1) if rc.mode == "rc" \
+        else rc.max_thinking_tokens
+    empty = dict.fromkeys(("problem", "curr_summary", "curr_reasoning", "existing_summary", "reasoning"), "")
+    turns = [("reasoning", prompts.reasoning, context, rc.max_thinking_tokens)]
+    if prompts.summarization is not None:
+        turns.append(("summarization", prompts.summarization, context + rc.max_thinking_tokens, rc.max_summary_tokens))
+    problems = []
+    for name, template, carried, budget in turns:
+        fields = {field: empty[field] for field in template.fields}
+        messages = [{"role": "user", "content": template.fill(**fields)}]
+        needed = len(prompt_token_ids(tokenizer, messages)) + data.max_prompt_length + carried + budget
+        if needed > max_model_len:
+            problems.append(f"an RC {name} turn needs up to {needed} tokens (template, a problem of "
+                            f"data.max_prompt_length={data.max_prompt_length}, {carried} carried, {budget} generated) "
+                            f"but actor_rollout_ref.rollout.max_model_len={max_model_len}")
+    if problems:
+        raise ConfigError("invalid recipe:\n" + "\n".join(f"  {p}" for p in problems))

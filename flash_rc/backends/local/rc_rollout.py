@@ -147,7 +147,7 @@ class RCRollout:
                                           buffer_entries(chain, chain_contexts(chain, self.rc.mode, initial)), step)
         batch.metrics.update(self._metrics(chains, groups, online_seconds))
         batch.metrics["rollout/gen_batches"] = 1.0
-        batch.metrics["rollout/short_of_batch"] = float(max(len(prompts) * self.rc.n_summ - len(groups), 0))
+        batch.metrics["rollout/short_of_batch"] = float(max(len(chains) * self.rc.n_summ - len(groups), 0))
         return batch
 
     def _state_prompt(self, scheduler: CycleScheduler, prompt: TrainPrompt, state: TrainingState) -> TrainPrompt:
