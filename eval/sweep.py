@@ -25,8 +25,8 @@ Files (the contract shared with ``flash_rc.eval.report``): ``gsm8k.csv`` gets on
 appended whole (one write, flushed, fsynced) after the checkpoint's generations file was renamed into place, so Ctrl-C
 loses at most the checkpoint in flight; a rerun skips checkpoints that have a row without error for the same
 ``settings_hash`` (error rows are retried). A corrupt, incomplete or mismatched checkpoint gets an error row and the
-sweep goes on: a refused sync leaves the engine's weights untouched, one that failed mid-stream is repaired by the next
-checkpoint's full sync.
+sweep goes on: the tensors the engine starts on are checked as a sync checks them (readable, finite), a refused sync
+leaves the engine's weights untouched, and one that failed mid-stream is repaired by the next checkpoint's full sync.
 """
 
 from __future__ import annotations
@@ -380,6 +380,7 @@ def merge_verl_actor(actor: Path, target: Path) -> Path:
                "--target_dir", str(staging)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0 or hf_weights_problem(staging) is not None:
+        shutil.rmtree(staging, ignore_errors=True)
         last = (done.stderr.strip().splitlines() or ["no HF weights written"])[-1]
         raise _CheckpointFailed(f"verl's model merger failed on {actor}: {last}")
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -473,7 +474,7 @@ def _load(engine, checkpoint: Checkpoint, settings: SweepSettings, output: Path,
     """The engine serving ``checkpoint``: started on it (the sweep's first usable one) or with its weights streamed
     in. Anything wrong with the checkpoint raises _CheckpointFailed; the engine then keeps (or, after a sync that
     failed mid-stream, is repaired by) the next checkpoint's full sync."""
-    from flash_rc.rollout.checkpoint import CheckpointTensors
+    from flash_rc.rollout.checkpoint import CheckpointTensors, tensor_problems
     from flash_rc.rollout.engine import RolloutEngine
 
     if checkpoint.problem is not None:
@@ -488,7 +489,10 @@ def _load(engine, checkpoint: Checkpoint, settings: SweepSettings, output: Path,
         tensors = CheckpointTensors(path)  # reads every file's header: a truncated file fails here
     except Exception as error:
         raise _CheckpointFailed(f"unreadable weights in {path}: {_error_text(error)}") from None
-    if engine is None:
+    if engine is None:  # the engine's own load checks nothing: refuse what a sync would (NaN/inf, unreadable)
+        problems = tensor_problems(tensors)
+        if problems:
+            raise _CheckpointFailed(f"weights refused: {'; '.join(problems[:3])}")
         started = time.perf_counter()
         try:
             engine = RolloutEngine(engine_config(settings, path))

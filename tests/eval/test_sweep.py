@@ -2,11 +2,11 @@
 in process, then real sweeps as a user runs them: the CLI in a subprocess (one engine per process) over two tiny-model
 checkpoints on the real GSM8K test file with ``--limit 4``.
 
-The two checkpoints are the tiny model copied into ``run/global_step_1`` and ``run/global_step_2`` (each with the
-``trainer_state.json`` that marks a complete flash_rc checkpoint), the second with perturbed weights so the two give
-different generations; a third has a truncated safetensors file. The random tiny model never answers GSM8K, so the
-accuracies are 0; what is checked is the files, the rows, the error handling and that the weights streamed into the
-running engine are the checkpoint's (same generations as an engine started on it).
+The checkpoints are the tiny model copied into ``run/global_step_N`` (each with the ``trainer_state.json`` that marks a
+complete flash_rc checkpoint): step 3 with perturbed weights so that it generates differently from step 1, step 2 with
+a NaN weight (its sync is refused), step 4 with a truncated safetensors file. The random tiny model never answers
+GSM8K, so the accuracies are 0; what is checked is the files, the rows, the error handling and that the weights
+streamed into the running engine are the checkpoint's (same generations as an engine started on it).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from flash_rc.data.problems import Problem
 from flash_rc.data.rows import make_row, write_parquet_atomic
 from flash_rc.errors import ConfigError, RowError
 from flash_rc.eval.sweep import COLUMNS, RC_REASONING_PROMPT, CycleResult, EvalProblem, ResultsTable, SampleResult, \
-    SweepSettings, _score_sample, load_eval_problems, metrics, settings_hash
+    SweepSettings, _CheckpointFailed, _score_sample, load_eval_problems, merge_verl_actor, metrics, settings_hash
 from flash_rc.models import resolve_model
 
 FLAGS = ["--limit", "4", "--max-tokens", "8", "--engine", "kv_cache_gib=0.25", "--no-progress"]
@@ -158,18 +158,21 @@ def eval_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> Path:
-    """run/global_step_{1,2} (2 perturbed), run/global_step_3 truncated, run/.global_step_4.tmp (a save in progress)."""
+    """run/global_step_1 (the tiny model), _2 (a NaN weight), _3 (perturbed weights), _4 (truncated safetensors),
+    run/.global_step_5.tmp (a save in progress)."""
     run = tmp_path_factory.mktemp("ckpts") / "run"
-    for step in (1, 2, 3):
+    for step in (1, 2, 3, 4):
         shutil.copytree(resolve_model("tiny-qwen2"), run / f"global_step_{step}")
         (run / f"global_step_{step}" / "trainer_state.json").write_text(json.dumps({"step": step}))
-    weights = load_file(run / "global_step_2" / "model.safetensors")
+    weights = load_file(run / "global_step_1" / "model.safetensors")
     noise = torch.Generator().manual_seed(0)
     save_file({name: t + 0.05 * torch.randn(t.shape, generator=noise) for name, t in weights.items()},
-              run / "global_step_2" / "model.safetensors", metadata={"format": "pt"})
-    truncated = run / "global_step_3" / "model.safetensors"
+              run / "global_step_3" / "model.safetensors", metadata={"format": "pt"})
+    weights["model.norm.weight"][0] = float("nan")
+    save_file(weights, run / "global_step_2" / "model.safetensors", metadata={"format": "pt"})
+    truncated = run / "global_step_4" / "model.safetensors"
     os.truncate(truncated, truncated.stat().st_size // 2)
-    shutil.copytree(run / "global_step_1", run / ".global_step_4.tmp")
+    shutil.copytree(run / "global_step_1", run / ".global_step_5.tmp")
     return run
 
 
@@ -189,9 +192,10 @@ def rows_of(directory: Path) -> list[dict[str, str]]:
 def test_a_sweep_writes_a_row_and_generations_per_checkpoint(sweep, checkpoints):
     out = checkpoints / "eval"
     rows = rows_of(out)
-    assert [(r["run"], r["step"], r["error"] == "") for r in rows] == [("run", "1", True), ("run", "2", True),
-                                                                        ("run", "3", False)]
-    for row in rows[:2]:
+    assert [(r["run"], r["step"], r["error"] == "") for r in rows] == [
+        ("run", "1", True), ("run", "2", False), ("run", "3", True), ("run", "4", False)]
+    good = [rows[0], rows[2]]
+    for row in good:
         assert (row["precision"], row["mode"], row["n"], row["k"], row["cycles"], row["problems"]) == (
             "bf16", "single", "1", "1", "1", "4")
         assert row["checkpoint"] == str((checkpoints / f"global_step_{row['step']}").resolve())
@@ -202,31 +206,41 @@ def test_a_sweep_writes_a_row_and_generations_per_checkpoint(sweep, checkpoints)
         assert all(len(r["cycles"]) == 1 and r["cycles"][0]["summary"] is None and r["correct"] is False
                    for r in records)
         assert row["generations"] == f"generations/run__step{row['step']}__bf16__single__{row['settings_hash']}.jsonl"
-    texts = [{r["problem_id"]: r["cycles"][0]["reasoning"] for r in map(json.loads, (out / row["generations"])
-                                                                            .read_text().splitlines())}
-             for row in rows[:2]]
-    assert texts[0] != texts[1]  # step 2's perturbed weights were streamed in
-    # the truncated checkpoint: an error row (no metrics, no generations) and the sweep went on
-    assert "unreadable weights" in rows[2]["error"] and "incomplete metadata" in rows[2]["error"]
-    assert rows[2]["strict"] == rows[2]["generations"] == ""
+    assert texts(out / good[0]["generations"]) != texts(out / good[1]["generations"])  # step 3's weights streamed in
+    # the NaN checkpoint: the sync refused it (engine untouched); the truncated one: unreadable. Error rows without
+    # metrics or generations, and the sweep went on
+    assert "weight sync refused" in rows[1]["error"] and "model.norm.weight: contains NaN or inf" in rows[1]["error"]
+    assert "unreadable weights" in rows[3]["error"] and "incomplete metadata" in rows[3]["error"]
+    assert rows[1]["strict"] == rows[1]["generations"] == rows[3]["generations"] == ""
     assert sorted(p.name for p in (out / "generations").iterdir()) == sorted(
-        Path(r["generations"]).name for r in rows[:2])  # no temporary file left
+        Path(r["generations"]).name for r in good)  # no temporary file left
     assert (out / "gsm8k.png").is_file() and (out / "report.html").is_file()
-    assert "instead of a restart" in sweep.stdout and "s saved per checkpoint" in sweep.stdout
+    # one sync (step 3; step 2's was refused) against the start-up
+    assert "1 checkpoint(s) streamed in" in sweep.stdout and "s saved per checkpoint" in sweep.stdout
+
+
+def texts(path: Path) -> dict[str, str]:
+    return {r["problem_id"]: r["cycles"][0]["reasoning"] for r in map(json.loads, path.read_text().splitlines())}
 
 
 def test_streamed_weights_generate_as_an_engine_started_on_them(sweep, checkpoints, gsm8k_dir, tmp_path):
-    done = eval_cli(str(checkpoints / "global_step_2"), "--data", str(gsm8k_dir / "test.jsonl"), "--output",
+    # step 3 was streamed in after step 2's refused sync; here an engine starts on it
+    done = eval_cli(str(checkpoints / "global_step_3"), "--data", str(gsm8k_dir / "test.jsonl"), "--output",
                     str(tmp_path), *FLAGS)
     assert done.returncode == 0, done.stderr[-3000:]
     (fresh,) = rows_of(tmp_path)
-    streamed = rows_of(checkpoints / "eval")[1]
+    streamed = rows_of(checkpoints / "eval")[2]
     assert fresh["settings_hash"] == streamed["settings_hash"]
-
-    def texts(path: Path) -> dict[str, str]:
-        return {r["problem_id"]: r["cycles"][0]["reasoning"] for r in map(json.loads, path.read_text().splitlines())}
-
     assert texts(tmp_path / fresh["generations"]) == texts(checkpoints / "eval" / streamed["generations"])
+
+
+def test_an_engine_never_starts_on_bad_weights(checkpoints, gsm8k_dir, tmp_path):
+    done = eval_cli(str(checkpoints / "global_step_2"), "--data", str(gsm8k_dir / "test.jsonl"), "--output",
+                    str(tmp_path), *FLAGS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = rows_of(tmp_path)
+    assert row["error"].startswith("weights refused: model.norm.weight: contains NaN or inf")
+    assert "Loading safetensors" not in done.stderr
 
 
 def test_a_rerun_skips_what_is_done_and_retries_error_rows(sweep, checkpoints, gsm8k_dir):
@@ -234,9 +248,10 @@ def test_a_rerun_skips_what_is_done_and_retries_error_rows(sweep, checkpoints, g
     done = eval_cli(str(checkpoints), "--data", str(gsm8k_dir / "test.jsonl"), *FLAGS)
     assert done.returncode == 0, done.stderr[-3000:]
     after = rows_of(checkpoints / "eval")
-    # steps 1 and 2 skipped; only the broken step 3 was tried again (and failed before any engine started)
-    assert after[:3] == before and [(r["step"], r["error"] != "") for r in after[3:]] == [("3", True)]
-    assert "1 checkpoint(s) evaluated, 2 already done" in done.stdout
+    # steps 1 and 3 skipped; the broken steps 2 and 4 were tried again (and refused before any engine started)
+    assert after[:4] == before and [(r["step"], r["error"] != "") for r in after[4:]] == [("2", True), ("4", True)]
+    assert "2 checkpoint(s) evaluated, 2 already done" in done.stdout
+    assert "Loading safetensors" not in done.stderr
 
 
 def test_bad_input_is_one_line_and_a_nonzero_exit_before_the_engine_starts(sweep, checkpoints, gsm8k_dir,
@@ -277,3 +292,15 @@ def test_rc_mode_reports_accuracy_per_cycle_and_chains(checkpoints, gsm8k_dir, t
     for record in records:
         first, last = record["cycles"]
         assert first["summary"] and last["summary"] is None  # the last cycle is not summarized
+
+
+def test_a_verl_actor_is_merged_once_and_a_failed_merge_is_the_checkpoints_error(tmp_path):
+    actor = tmp_path / "run" / "global_step_1" / "actor"
+    actor.mkdir(parents=True)
+    (actor / "model_world_size_1_rank_0.pt").write_bytes(b"not a checkpoint")
+    target = tmp_path / "eval" / "merged" / "run__step1"
+    with pytest.raises(_CheckpointFailed, match=r"verl's model merger failed on .*actor: .*"):
+        merge_verl_actor(actor, target)
+    assert not target.exists() and not target.with_name(".run__step1.merging").exists()
+    shutil.copytree(resolve_model("tiny-qwen2"), target)  # merged by an earlier sweep: reused as it is
+    assert merge_verl_actor(actor, target) == target
