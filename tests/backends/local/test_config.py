@@ -3,7 +3,8 @@
 "Before" is proven, not assumed: the process group (``init_world``, and ``torch.distributed.init_process_group``
 under it) and the rollout engine (``RolloutEngine``) are replaced by stand-ins that raise ``AssertionError("started")``,
 which ``run_command`` does not turn into a message. A bad recipe must exit with the config error; the good base recipe
-gets as far as starting the world (the control that shows the stand-ins are the ones the trainer calls).
+gets as far as starting the world (the control that shows the stand-ins are the ones the trainer calls). The stand-ins
+and the refusal check are the ``run_train`` and ``assert_refused`` fixtures of this folder's conftest.py.
 """
 
 from __future__ import annotations
@@ -13,50 +14,26 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
-from flash_rc.backends.local import trainer
 from flash_rc.backends.local.config import TrainRecipe
-from flash_rc.cli import run_command
 from flash_rc.config import engine_config, load_recipe
-from flash_rc.data.arithmetic import ArithmeticConfig, prepare_arithmetic
 from flash_rc.errors import EXIT_USAGE
-from flash_rc.learner import distributed
-from flash_rc.rollout.engine import RolloutEngine
 
 REPO = Path(__file__).resolve().parents[3]
-PREFIX = "flash-rc train: error: "
-
-
-def started(*args, **kwargs):
-    raise AssertionError("started")
 
 
 @pytest.fixture
-def train(tmp_path, monkeypatch, capsys, tiny_model):
+def train(run_train, arithmetic_data, tmp_path, tiny_model):
     """``train(*overrides)`` -> (exit status, stderr) of ``flash-rc train`` on a small valid base recipe + overrides."""
-    data = prepare_arithmetic(ArithmeticConfig(train_size=8, test_size=4), tmp_path / "data")
-    monkeypatch.chdir(tmp_path)  # nothing may land in the repo (the default run dir is relative)
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    # trainer imported init_world by name: the module attribute it calls is trainer.init_world
-    monkeypatch.setattr(distributed, "init_world", started)
-    monkeypatch.setattr(trainer, "init_world", started)
-    monkeypatch.setattr(dist, "init_process_group", started)
-    monkeypatch.setattr(RolloutEngine, "__init__", started)
     base = [
-        f"data.train_files={data['train']}", f"data.val_files={data['test']}",
+        f"data.train_files={arithmetic_data['train']}", f"data.val_files={arithmetic_data['test']}",
         "data.train_batch_size=4", "data.max_prompt_length=128", "data.max_response_length=16",
         f"actor_rollout_ref.model.path={tiny_model}",
         "actor_rollout_ref.actor.ppo_mini_batch_size=2", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
         "actor_rollout_ref.rollout.n=2", "actor_rollout_ref.rollout.max_model_len=256",
         f"trainer.default_local_dir={tmp_path / 'run'}", "flash_rc.train.progress=false",
     ]
-
-    def run(*overrides: str) -> tuple[int, str]:
-        status = run_command("train", trainer.main, [*base, *overrides])
-        return status, capsys.readouterr().err
-
-    return run
+    return lambda *overrides: run_train([*base, *overrides])
 
 
 def test_the_base_recipe_reaches_the_process_group(train):
@@ -101,38 +78,29 @@ BAD_RECIPES = {
 
 
 @pytest.mark.parametrize("overrides, environment, expected", BAD_RECIPES.values(), ids=BAD_RECIPES.keys())
-def test_a_bad_recipe_is_one_error_naming_the_key_before_anything_starts(train, monkeypatch, overrides, environment,
-                                                                         expected):
+def test_a_bad_recipe_is_one_error_naming_the_key_before_anything_starts(train, assert_refused, monkeypatch, overrides,
+                                                                         environment, expected):
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     status, err = train(*overrides)
-    assert_config_error(status, err, expected)
+    assert_refused(status, err, EXIT_USAGE, expected)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="block FP8 runs on a GPU")
-def test_a_precision_this_platform_lacks_is_refused_before_the_engine_starts(train):
+def test_a_precision_this_platform_lacks_is_refused_before_the_engine_starts(train, assert_refused):
     status, err = train("flash_rc.engine.precision=fp8", "flash_rc.engine.fp8_granularity=block")
-    assert_config_error(status, err, ["fp8_granularity='block'", "CUDA GPU"])
+    assert_refused(status, err, EXIT_USAGE, ["fp8_granularity='block'", "CUDA GPU"])
 
 
-def test_a_fresh_run_over_a_checkpoint_is_refused_and_auto_resumes_it(train, tmp_path):
+def test_a_fresh_run_over_a_checkpoint_is_refused_and_auto_resumes_it(train, assert_refused, tmp_path):
     checkpoint = tmp_path / "run" / "global_step_3"
     checkpoint.mkdir(parents=True)
     (checkpoint / "trainer_state.json").write_text('{"step": 3}')
     status, err = train("trainer.resume_mode=disable")
-    assert_config_error(status, err, ["trainer.resume_mode", "global_step_3"])
+    assert_refused(status, err, EXIT_USAGE, ["trainer.resume_mode", "global_step_3"])
     # the same run directory with resume_mode=auto is a resume: it goes on to start the world
     with pytest.raises(AssertionError, match="started"):
         train("trainer.resume_mode=auto")
-
-
-def assert_config_error(status: int, err: str, expected: list[str]) -> None:
-    assert status == EXIT_USAGE, err
-    assert err.startswith(PREFIX), err
-    assert "started" not in err and "Traceback" not in err, err
-    for fragment in expected:
-        # each problem is on one line of its own (a recipe with several lists each under the summary)
-        assert any(fragment in line for line in err.splitlines()), f"{fragment!r} not in {err!r}"
 
 
 RECIPES = sorted(glob.glob(str(REPO / "recipe" / "local" / "*.yaml")))

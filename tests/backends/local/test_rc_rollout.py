@@ -12,54 +12,40 @@ problem and the state's context) and encoded by the engine; it must also be the 
 in that cycle. The tiny tokenizer spends ~2.3 characters a token, so I_R alone is ~265 tokens and I_S ~473: the
 engine's 1024-token context (the ``tiny_engine`` fixture) holds every turn of these 8-16 token budgets.
 
-The recipe checks of RC run through the CLI as in ``test_config.py``: the process group and the engine are stand-ins
-that raise ``AssertionError("started")``, so a refusal is proven to come before either starts.
+The recipe checks of RC run through the CLI as in ``test_config.py`` (the ``run_train`` fixture of conftest.py): the
+process group and the engine are stand-ins that raise ``AssertionError("started")``, so a refusal is proven to come
+before either starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import textwrap
 from concurrent.futures import Future
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from flash_rc.algo.advantages import GRPOConfig, grpo_advantages
-from flash_rc.backends.local import rollout as rollout_module
 from flash_rc.backends.local import trainer
 from flash_rc.backends.local.config import TrainRecipe
 from flash_rc.backends.local.rc_rollout import RCRollout
 from flash_rc.backends.local.rollout import OutcomeSettings, RolloutShards
-from flash_rc.cli import run_command
 from flash_rc.config import load_recipe
-from flash_rc.data.arithmetic import ArithmeticConfig, prepare_arithmetic
 from flash_rc.data.prompts import PromptSampler, load_train_prompts
 from flash_rc.data.rows import make_row, write_parquet_atomic
 from flash_rc.errors import EXIT_BAD_DATA, EXIT_USAGE, RowError
-from flash_rc.learner import distributed
 from flash_rc.rc import prompts as templates
 from flash_rc.rc.replay import ReplayConfig, ReplayEntry, SummaryReplayBuffer
 from flash_rc.rc.scheduler import CycleScheduler
 from flash_rc.rc.states import RCTrainConfig
-from flash_rc.rewards import router
-from flash_rc.rewards.router import ScorerRoute, register_scorer
-from flash_rc.rollout.engine import RolloutEngine
 from flash_rc.types import SamplingConfig
 
 PARITY = "local_test_rc_parity"
 THINKING, SUMMARY = 16, 12
 """H_R and H_S of every chain here (different, so a request's ``max_tokens`` tells its turn type)."""
-
-SCORERS = textwrap.dedent('''
-    def parity(solution_str, ground_truth, extra_info=None):
-        even = len(solution_str) % 2 == 0
-        return {"score": float(even), "acc": even, "pred": str(len(solution_str)), "reason": "even" if even else "odd"}
-''')
 
 SETTINGS = OutcomeSettings(train_batch_size=3, n=1, temperature=1.0, max_response_length=THINKING,
                            adv_estimator="grpo", norm_adv_by_std=True, filter_groups=False, filter_metric="acc",
@@ -73,26 +59,12 @@ def rc_config(**overrides) -> RCTrainConfig:
                             "max_summary_tokens": SUMMARY, **overrides})
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model)
-
-
 @pytest.fixture
-def scorers(tmp_path, monkeypatch):
-    monkeypatch.setattr(router, "_registered_exact", {})
-    monkeypatch.setattr(router, "_registered_prefixes", {})
-    path = tmp_path / "rc_test_scorers.py"
-    path.write_text(SCORERS)
-    register_scorer(PARITY, ScorerRoute(f"{path}:parity", timeout_s=30.0))
-
-
-@pytest.fixture
-def prompts(tmp_path, tokenizer, scorers):
+def prompts(tmp_path, tokenizer, route_to_test_scorer):
     """``prompts(count)``: TrainPrompts of verl rows whose user message is "What is i + i?" and whose problem
-    (``extra_info.question``, what RC builds its prompts around) is "i + i"."""
+    (``extra_info.question``, what RC builds its prompts around) is "i + i"; their data source is scored by parity."""
+    route_to_test_scorer(PARITY, "parity", timeout_s=30.0)
+
     def load(count: int):
         rows = [make_row(PARITY, f"What is {i} + {i}?", "math", str(2 * i), "train", i, str(2 * i), f"{i} + {i}")
                 for i in range(count)]
@@ -159,22 +131,6 @@ def chain_runs(monkeypatch):
 
     monkeypatch.setattr(CycleScheduler, "run", spy)
     return runs
-
-
-@pytest.fixture
-def scored(monkeypatch):
-    """Every group the source scored (the states' K turns; chain turns are graded apart): ``(prompt, completions,
-    reward results)``."""
-    groups = []
-    real = rollout_module.score_completions
-
-    def spy(prompts, completions):
-        results = real(prompts, completions)
-        groups.extend(zip(prompts, completions, results))
-        return results
-
-    monkeypatch.setattr(rollout_module, "score_completions", spy)
-    return groups
 
 
 def chunks(sequences, n):
@@ -486,35 +442,19 @@ def test_a_failed_chain_drops_only_its_own_states(tiny_engine, prompts, chain_ru
 # ---------------------------------------------------------------------- recipes
 
 
-def started(*args, **kwargs):
-    raise AssertionError("started")
-
-
 @pytest.fixture
-def train_cli(tmp_path, monkeypatch, capsys, tiny_model):
+def train_cli(run_train, arithmetic_data, tmp_path, tiny_model):
     """``train_cli(*overrides)`` -> (exit status, stderr) of ``flash-rc train`` on a valid RC recipe + overrides,
     with the process group and the engine replaced by stand-ins that raise ``AssertionError("started")``."""
-    data = prepare_arithmetic(ArithmeticConfig(train_size=8, test_size=4), tmp_path / "data")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    monkeypatch.setattr(distributed, "init_world", started)
-    monkeypatch.setattr(trainer, "init_world", started)
-    monkeypatch.setattr(dist, "init_process_group", started)
-    monkeypatch.setattr(RolloutEngine, "__init__", started)
     base = [
-        f"data.train_files={data['train']}", "data.train_batch_size=4", "data.max_prompt_length=128",
+        f"data.train_files={arithmetic_data['train']}", "data.train_batch_size=4", "data.max_prompt_length=128",
         "data.max_response_length=16", f"actor_rollout_ref.model.path={tiny_model}",
         "actor_rollout_ref.actor.ppo_mini_batch_size=2", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
         "actor_rollout_ref.rollout.max_model_len=1024", f"trainer.default_local_dir={tmp_path / 'run'}",
         "flash_rc.train.progress=false", "flash_rc.rc.enable=true", "flash_rc.rc.t_train=2", "flash_rc.rc.n_summ=2",
         "flash_rc.rc.k=2", f"flash_rc.rc.max_thinking_tokens={THINKING}", f"flash_rc.rc.max_summary_tokens={SUMMARY}",
     ]
-
-    def run(*overrides: str) -> tuple[int, str]:
-        status = run_command("train", trainer.main, [*base, *overrides])
-        return status, capsys.readouterr().err
-
-    return run
+    return lambda *overrides: run_train([*base, *overrides])
 
 
 def test_the_rc_base_recipe_reaches_the_process_group(train_cli):
@@ -540,7 +480,7 @@ BAD_RC_RECIPES = {
 
 
 @pytest.mark.parametrize("overrides, expected", BAD_RC_RECIPES.values(), ids=BAD_RC_RECIPES.keys())
-def test_a_bad_rc_recipe_is_refused_before_anything_starts(train_cli, overrides, expected):
+def test_a_bad_rc_recipe_is_refused_before_anything_starts(train_cli, assert_refused, overrides, expected):
     status, err = train_cli(*overrides)
     assert_refused(status, err, EXIT_USAGE, expected)
 
@@ -551,18 +491,10 @@ def corrupt_buffer(tmp_path):
     return path
 
 
-def test_a_corrupt_initial_buffer_is_refused_before_anything_starts(train_cli, tmp_path):
+def test_a_corrupt_initial_buffer_is_refused_before_anything_starts(train_cli, assert_refused, tmp_path):
     path = corrupt_buffer(tmp_path)
     status, err = train_cli("flash_rc.rc.replay.enable=true", f"flash_rc.rc.replay.initial_path={path}")
     assert_refused(status, err, EXIT_BAD_DATA, [f"{path}:2", "invalid JSON"])
-
-
-def assert_refused(status: int, err: str, exit_code: int, expected: list[str]) -> None:
-    assert status == exit_code, err
-    assert err.startswith("flash-rc train: error: "), err
-    assert "started" not in err and "Traceback" not in err, err
-    for fragment in expected:
-        assert any(fragment in line for line in err.splitlines()), f"{fragment!r} not in {err!r}"
 
 
 @pytest.fixture

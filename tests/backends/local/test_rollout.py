@@ -1,19 +1,19 @@
 """OutcomeRollout on the real tiny vLLM engine, scored by test scorers in the real reward pool.
 
-The random tiny model never solves a task, so the scorers here judge what it does produce: ``parity`` gives 1 to a
-response whose text has an even number of characters (so the samples of a prompt disagree), ``constant`` gives every
-response score 0.5 and acc true (every group all-equal), ``hang_or_parity`` sleeps far past its time limit when the ground truth is
-``hang``. They live in a file the pool's worker processes import by path. What the rollout did is read back through
-spies that change nothing: a wrapper of the engine that records every request, a wrapper of ``score_completions``
-that records every group and its reward results, and (for the shaping test) a wrapper of
-``GroupCollector._advantages`` that records the rewards each group's advantages are computed from.
+The random tiny model never solves a task, so the test scorers of conftest.py judge what it does produce: ``parity``
+gives 1 to a response whose text has an even number of characters (so the samples of a prompt disagree), ``constant``
+gives every response score 0.5 and acc true (every group all-equal), ``hang_or_parity`` sleeps far past its time limit
+(2 s here) when the ground truth is ``hang``. They live in a file the pool's worker processes import by path. What the
+rollout did is read back through spies that change nothing: a wrapper of the engine that records every request, a
+wrapper of ``score_completions`` (the ``scored`` fixture) that records every group and its reward results, and (for
+the shaping test) a wrapper of ``GroupCollector._advantages`` that records the rewards each group's advantages are
+computed from.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import textwrap
 from concurrent.futures import Future
 
 import pytest
@@ -25,7 +25,6 @@ from flash_rc.algo.advantages import (
     grpo_advantages,
     rloo_advantages,
 )
-from flash_rc.backends.local import rollout as rollout_module
 from flash_rc.backends.local.rollout import (
     GroupCollector,
     OutcomeRollout,
@@ -36,32 +35,10 @@ from flash_rc.backends.local.rollout import (
 from flash_rc.data.prompts import PromptSampler, load_train_prompts
 from flash_rc.data.rows import make_row, write_parquet_atomic
 from flash_rc.learner.batch import TrainSequence
-from flash_rc.rewards import router
-from flash_rc.rewards.router import ScorerRoute, register_scorer
 from flash_rc.types import SamplingConfig
 
 PARITY, CONSTANT, HANG = "local_test_parity", "local_test_constant", "local_test_hang"
 MAX_TOKENS = 8
-
-SCORERS = textwrap.dedent('''
-    import time
-
-
-    def parity(solution_str, ground_truth, extra_info=None):
-        even = len(solution_str) % 2 == 0
-        return {"score": float(even), "acc": even, "pred": str(len(solution_str)), "reason": "even" if even else "odd"}
-
-
-    def constant(solution_str, ground_truth, extra_info=None):
-        return {"score": 0.5, "acc": True, "pred": None, "reason": "constant"}
-
-
-    def hang_or_parity(solution_str, ground_truth, extra_info=None):
-        if ground_truth == "hang":
-            time.sleep(600)  # killed by the pool at the route's timeout
-        return parity(solution_str, ground_truth, extra_info)
-''')
-
 
 BASE_SETTINGS = OutcomeSettings(train_batch_size=4, n=2, temperature=1.0, max_response_length=MAX_TOKENS,
                                 adv_estimator="grpo", norm_adv_by_std=True, filter_groups=False, filter_metric="acc",
@@ -73,22 +50,11 @@ def settings(**overrides) -> OutcomeSettings:
     return dataclasses.replace(BASE_SETTINGS, **overrides)
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model)
-
-
 @pytest.fixture(autouse=True)
-def scorers(tmp_path, monkeypatch):
-    monkeypatch.setattr(router, "_registered_exact", {})
-    monkeypatch.setattr(router, "_registered_prefixes", {})
-    path = tmp_path / "local_test_scorers.py"
-    path.write_text(SCORERS)
-    register_scorer(PARITY, ScorerRoute(f"{path}:parity", timeout_s=30.0))
-    register_scorer(CONSTANT, ScorerRoute(f"{path}:constant", timeout_s=30.0))
-    register_scorer(HANG, ScorerRoute(f"{path}:hang_or_parity", timeout_s=2.0))
+def scorers(route_to_test_scorer):
+    route_to_test_scorer(PARITY, "parity", timeout_s=30.0)
+    route_to_test_scorer(CONSTANT, "constant", timeout_s=30.0)
+    route_to_test_scorer(HANG, "hang_or_parity", timeout_s=2.0)
 
 
 @pytest.fixture
@@ -123,21 +89,6 @@ class RecordingEngine:
 @pytest.fixture
 def engine(tiny_engine):
     return RecordingEngine(tiny_engine)
-
-
-@pytest.fixture
-def scored(monkeypatch):
-    """Every group the rollout scored, in order: ``(prompt, completions, reward results)``."""
-    groups = []
-    real = rollout_module.score_completions
-
-    def spy(prompts, completions):
-        results = real(prompts, completions)
-        groups.extend(zip(prompts, completions, results))
-        return results
-
-    monkeypatch.setattr(rollout_module, "score_completions", spy)
-    return groups
 
 
 def scores_of(results) -> torch.Tensor:
