@@ -16,8 +16,10 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -304,3 +306,25 @@ def test_a_verl_actor_is_merged_once_and_a_failed_merge_is_the_checkpoints_error
     assert not target.exists() and not target.with_name(".run__step1.merging").exists()
     shutil.copytree(resolve_model("tiny-qwen2"), target)  # merged by an earlier sweep: reused as it is
     assert merge_verl_actor(actor, target) == target
+
+
+@pytest.mark.slow
+def test_ctrl_c_loses_only_the_checkpoint_in_flight(checkpoints, gsm8k_dir, tmp_path):
+    command = [sys.executable, "-m", "flash_rc.cli", "eval", str(checkpoints / "global_step_1"),
+               str(checkpoints / "global_step_3"), "--data", str(gsm8k_dir / "test.jsonl"), "--output", str(tmp_path),
+               "--max-tokens", "64", "--engine", "kv_cache_gib=0.25", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FLASH_RC_REWARD_WORKERS": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    table, generations = tmp_path / "gsm8k.csv", tmp_path / "generations"
+    deadline = time.monotonic() + 600
+    while not (generations.is_dir() and any(p.name.endswith(".tmp") and "step3" in p.name
+                                             for p in generations.iterdir())):
+        assert process.poll() is None and time.monotonic() < deadline, "the sweep ended before step 3 started"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)  # step 3 in flight (all 1319 problems), step 1 done
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and stderr.strip().splitlines()[-1] == "flash-rc eval: error: interrupted (SIGINT)"
+    assert [row["step"] for row in rows_of(tmp_path)] == ["1"]
+    assert [p.name for p in generations.iterdir()] == [Path(rows_of(tmp_path)[0]["generations"]).name]
+    assert table.read_text().endswith("\n")
