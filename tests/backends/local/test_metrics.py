@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import sys
+import time
 
 import pytest
 
@@ -139,6 +140,17 @@ def wandb_offline(tmp_path, monkeypatch):
     return wandb
 
 
+def wandb_log_holds(path, *fragments: bytes, timeout_s: float = 60.0) -> bool:
+    """Whether wandb's offline log comes to hold every fragment: its service process may still be writing the file
+    when ``finish()`` has returned (seen on a loaded 2-core machine), so wait for it a while."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        data = path.read_bytes()
+        if all(fragment in data for fragment in fragments) or time.monotonic() > deadline:
+            return all(fragment in data for fragment in fragments)
+        time.sleep(0.2)
+
+
 def test_wandb_offline_writes_its_run_and_a_resume_continues_the_same_run(tmp_path, wandb_offline):
     run_dir = tmp_path / "run"
     with make_logger(run_dir, ["wandb"], config={"trainer": {"total_epochs": 1}}) as metrics:
@@ -146,14 +158,14 @@ def test_wandb_offline_writes_its_run_and_a_resume_continues_the_same_run(tmp_pa
     run_id = (run_dir / "wandb_id").read_text().strip()
     (first_log,) = run_dir.glob(f"wandb/offline-run-*/run-{run_id}.wandb")
     # the history record holds the key and the value as JSON text
-    assert b"critic/rewards/mean" in first_log.read_bytes() and b"0.625" in first_log.read_bytes()
+    assert wandb_log_holds(first_log, b"critic/rewards/mean", b"0.625")
 
     with make_logger(run_dir, ["wandb"], resume_step=1) as metrics:
         metrics.log(2, {"critic/rewards/mean": 0.875})
     assert (run_dir / "wandb_id").read_text().strip() == run_id
     # the resumed half is a second offline log of the same run id (wandb sync merges them)
     (second_log,) = set(run_dir.glob(f"wandb/offline-run-*/run-{run_id}.wandb")) - {first_log}
-    assert b"0.875" in second_log.read_bytes()
+    assert wandb_log_holds(second_log, b"0.875")
     assert read_records(run_dir) == [{"step": 1, "critic/rewards/mean": 0.625},
                                      {"step": 2, "critic/rewards/mean": 0.875}]
 
