@@ -119,6 +119,7 @@ bench: install
 	$(BIN)/python bench/rollout_precision.py
 	$(BIN)/python bench/engine_overhead.py --preload tcmalloc,iomp
 	$(BIN)/python bench/kernels.py --bytes
+	$(BIN)/python bench/learner.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache outputs
