@@ -63,6 +63,7 @@ def refuse_sync(output: str) -> None:
     torch.distributed.all_gather_object(outcomes, outcome)
     if world.is_main:
         torch.save({"outcomes": outcomes, "loads": sink.loads}, output)
+    torch.distributed.barrier()  # every rank done with its collectives before any tears the group down
     torch.distributed.destroy_process_group()
 
 
@@ -83,6 +84,7 @@ def main(output: str, micro_batch_size: int) -> None:
     weights = {name: full_tensor(t).clone() for name, t in learner.state_source().state_dict().items()}
     if world.is_main:
         torch.save({"weights": weights, "metrics": metrics}, output)
+    torch.distributed.barrier()  # every rank done with its collectives before any tears the group down
     torch.distributed.destroy_process_group()
 
 
