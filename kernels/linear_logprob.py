@@ -263,24 +263,34 @@ class _LinearLogProb(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
-def _chunk_log_prob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float):
+def _chunk_log_prob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
+                    with_entropy: bool, exact_logits: bool):
     compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    logits = (hidden.to(compute_dtype) @ weight.to(compute_dtype).T) / temperature
-    log_probs = logits.log_softmax(dim=-1)
-    entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
-    return log_probs.gather(-1, targets[:, None].long()).squeeze(-1), entropy
+    if exact_logits:
+        logits = hidden.to(compute_dtype) @ weight.to(compute_dtype).T
+    else:  # the GEMM in the input dtype (bf16: ~2.5x faster on CPU), as HF computes logits, then upcast
+        logits = (hidden @ weight.T).to(compute_dtype)
+    log_probs = (logits / temperature).log_softmax(dim=-1)
+    target = log_probs.gather(-1, targets[:, None].long()).squeeze(-1)
+    if not with_entropy:
+        return target, None
+    return target, -(log_probs.exp() * log_probs).sum(dim=-1)
 
 
 def linear_logprob_reference(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-    with_entropy: bool = False, chunk_tokens: int = 1024,
+    with_entropy: bool = False, chunk_tokens: int = 1024, exact_logits: bool = True,
 ) -> LinearLogProbOutput:  # fmt: skip
     """Plain-torch log π(y_t) (and entropy) in float32 (float64 stays float64): logits for `chunk_tokens` tokens at a
-    time, each chunk checkpointed so backward recomputes it instead of keeping [T, V] activations alive."""
+    time, each chunk checkpointed so backward recomputes it instead of keeping [T, V] activations alive.
+
+    ``exact_logits``: the logits GEMM runs on float32 copies of the inputs — the kernel's accuracy, what its tests
+    compare against. False runs it in the input dtype and upcasts the logits (HF's numerics; the learner's CPU path,
+    where a float32 GEMM over a 49k vocabulary cost ~2.5x a bf16 one: ``bench/learner.py``)."""
     check_linear_inputs(hidden, weight, targets, temperature)
     outputs = [
         checkpoint(_chunk_log_prob, hidden[start : start + chunk_tokens], weight,
-                   targets[start : start + chunk_tokens], temperature, use_reentrant=False)
+                   targets[start : start + chunk_tokens], temperature, with_entropy, exact_logits, use_reentrant=False)
         for start in range(0, hidden.shape[0], chunk_tokens)
     ]  # fmt: skip
     if not outputs:
@@ -299,16 +309,19 @@ def fused_linear_logprob(
     chunk_tokens: int | None = None,
     vocab_splits: int | None = None,
     backend: Literal["auto", "triton", "torch"] = "auto",
+    exact_logits: bool = True,
 ) -> LinearLogProbOutput:
     """log softmax(hidden @ weight.T / temperature)[t, targets[t]] per token (float32), optionally with entropy.
 
     hidden [T, H] and weight [V, H] (bf16/fp16/fp32, same dtype) get gradients; targets [T] are token ids.
     backend="auto" runs the Triton kernels on CUDA tensors and the reference otherwise ("triton" on CPU needs
     TRITON_INTERPRET=1). chunk_tokens bounds the backward's [chunk, V] buffer (default ≈2 GiB); vocab_splits
-    overrides the forward's vocabulary parallelism (default: enough programs for ~2 per SM).
+    overrides the forward's vocabulary parallelism (default: enough programs for ~2 per SM). ``exact_logits`` only
+    concerns the torch path (see :func:`linear_logprob_reference`); the kernel always accumulates in float32.
     """
     if not use_triton(hidden, backend, "fused_linear_logprob: hidden"):
-        return linear_logprob_reference(hidden, weight, targets, temperature, with_entropy, chunk_tokens or 1024)
+        return linear_logprob_reference(hidden, weight, targets, temperature, with_entropy, chunk_tokens or 1024,
+                                        exact_logits)
     check_linear_inputs(hidden, weight, targets, temperature)
     if hidden.dtype not in _TRITON_DTYPES:
         raise TypeError(f"the Triton path takes bfloat16/float16/float32 hidden, got {hidden.dtype}; "

@@ -55,7 +55,8 @@ class PolicyModel(nn.Module):
         ).last_hidden_state
         hidden = hidden.flatten(0, 1).index_select(0, batch.logit_index)
         head = self.causal_lm.get_output_embeddings().weight
-        return fused_linear_logprob(hidden, head.to(hidden.dtype), batch.targets, temperature, with_entropy)
+        return fused_linear_logprob(hidden, head.to(hidden.dtype), batch.targets, temperature, with_entropy,
+                                    exact_logits=False)
 
 
 def checkpoint_dtype(model_path: Path) -> str | None:

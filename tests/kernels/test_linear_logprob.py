@@ -131,3 +131,21 @@ def test_realistic_shape_on_gpu():
     torch.testing.assert_close(out.entropy, ref.entropy, rtol=1e-3, atol=2e-3)
     for grad, ref_grad in zip(grads, ref_grads, strict=True):
         torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=3e-2, atol=3e-2)
+
+
+def test_reference_with_input_dtype_logits_stays_close_to_exact():
+    # exact_logits=False runs the head GEMM in bf16 (HF's numerics, the learner's CPU path): log-probs within bf16
+    # rounding of the float32-GEMM reference, gradients too; entropy only when asked for.
+    torch.manual_seed(0)
+    hidden = (torch.randn(64, 48) * 0.5).bfloat16().requires_grad_()
+    weight = (torch.randn(300, 48) * 0.2).bfloat16().requires_grad_()
+    targets = torch.randint(0, 300, (64,))
+    exact = linear_logprob_reference(hidden, weight, targets, temperature=0.8, with_entropy=True)
+    fast = linear_logprob_reference(hidden, weight, targets, temperature=0.8, with_entropy=True, exact_logits=False)
+    torch.testing.assert_close(fast.log_prob, exact.log_prob, rtol=0, atol=3e-2)
+    torch.testing.assert_close(fast.entropy, exact.entropy, rtol=0, atol=3e-2)
+    assert not torch.equal(fast.log_prob, exact.log_prob)  # the bf16 GEMM really ran
+    grads = [torch.autograd.grad(out.log_prob.sum(), (hidden, weight)) for out in (exact, fast)]
+    for g_exact, g_fast in zip(*grads):
+        torch.testing.assert_close(g_fast.float(), g_exact.float(), rtol=5e-2, atol=5e-2)
+    assert linear_logprob_reference(hidden, weight, targets, exact_logits=False).entropy is None
