@@ -132,7 +132,6 @@ class Learner:
                                            min_lr_ratio=optim.min_lr_ratio, num_cycles=optim.num_cycles)
         pad_token_id = self.policy.causal_lm.config.pad_token_id
         self.pad_token_id = 0 if pad_token_id is None else pad_token_id  # padding is masked: any id will do
-        self.skipped_steps = 0
 
     # ------------------------------------------------------------------ shares of a batch
 
@@ -209,7 +208,6 @@ class Learner:
         with warnings.catch_warnings():  # the schedule follows training steps, also when a step's update was skipped
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
             self.scheduler.step()
-        self.skipped_steps += skipped
         result = metrics.result(self.world, steps)
         result.update({"actor/lr": lr, "actor/optimizer_steps": float(steps),
                        "actor/nonfinite_grad_skipped_steps": float(skipped)})
@@ -344,8 +342,11 @@ class Learner:
         from flash_rc.rollout.checkpoint import full_tensor
 
         directory = Path(directory)
-        state = self.state_source().state_dict()
-        full = {name: full_tensor(tensor).to("cpu", copy=True) for name, tensor in state.items()}
+        full = {}
+        for name, tensor in self.state_source().state_dict().items():
+            gathered = full_tensor(tensor)  # every rank joins the gather; only the main rank keeps a copy
+            if self.world.is_main:
+                full[name] = gathered.to("cpu", copy=True)
         if self.world.is_main:
             causal_lm = self.state_source()
             dtype = checkpoint_dtype(self.model_path)
@@ -359,20 +360,18 @@ class Learner:
         optimizer_state = get_optimizer_state_dict(self.policy, self.optimizer)
         dcp.save({"optimizer": optimizer_state}, checkpoint_id=str(directory / "optimizer"))
         if self.world.is_main:
-            torch.save({"scheduler": self.scheduler.state_dict(), "skipped_steps": self.skipped_steps},
-                       directory / "learner_state.pt")
+            torch.save({"scheduler": self.scheduler.state_dict()}, directory / "learner_state.pt")
 
     def load(self, directory: Path) -> None:
         """Restore what :meth:`save` wrote (same world size); the weights are read from the HF folder in float32."""
         import torch.distributed.checkpoint as dcp
-        from safetensors.torch import load_file
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
         from torch.distributed.tensor import DTensor, distribute_tensor
 
+        from flash_rc.rollout.checkpoint import CheckpointTensors
+
         directory = Path(directory)
-        weights: dict[str, torch.Tensor] = {}
-        for file in sorted(directory.glob("*.safetensors")):
-            weights.update(load_file(file))
+        weights = CheckpointTensors(directory)  # read one tensor at a time
         with torch.no_grad():
             for name, tensor in self.state_source().state_dict(keep_vars=True).items():
                 if name not in weights:
@@ -388,4 +387,3 @@ class Learner:
         set_optimizer_state_dict(self.policy, self.optimizer, optim_state_dict=template["optimizer"])
         state = torch.load(directory / "learner_state.pt", weights_only=False)
         self.scheduler.load_state_dict(state["scheduler"])
-        self.skipped_steps = state["skipped_steps"]

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections import Counter
 from collections.abc import Sequence
 
 from flash_rc.backends.local.rollout import (
@@ -186,10 +185,9 @@ class RCRollout:
         by_depth: dict[int, list[float]] = {}
         for group in groups:
             by_depth.setdefault(group.info.depth, []).extend(float(r["acc"]) for r in group.results)
-        depths = Counter({depth: len(values) for depth, values in by_depth.items()})
         for depth, values in sorted(by_depth.items()):
             metrics[f"rc/train/acc_depth_{depth}"] = mean(values)
-        metrics["rc/train/depth_mean"] = sum(d * n for d, n in depths.items()) / max(sum(depths.values()), 1)
+        metrics["rc/train/depth_mean"] = mean([depth for depth, values in by_depth.items() for _ in values])
         if self.buffer is not None:
             metrics.update(self.buffer.metrics())
         return metrics

@@ -120,18 +120,18 @@ def score_completions(prompts: Sequence[TrainPrompt], completions: Sequence[Sequ
     return [[next(results) for _ in group] for group in completions]
 
 
-def length_metrics(prefix: str, lengths: Sequence[int], limit: int) -> dict[str, float]:
-    values = torch.tensor(lengths or [0], dtype=torch.float64)
-    return {f"{prefix}/mean": float(values.mean()), f"{prefix}/max": float(values.max()),
-            f"{prefix}/min": float(values.min()),
-            f"{prefix}/clip_ratio": float((values >= limit).double().mean()) if lengths else 0.0}
-
-
 def _stats(prefix: str, values: torch.Tensor) -> dict[str, float]:
     if values.numel() == 0:
         return {f"{prefix}/mean": 0.0, f"{prefix}/max": 0.0, f"{prefix}/min": 0.0}
     return {f"{prefix}/mean": float(values.mean()), f"{prefix}/max": float(values.max()),
             f"{prefix}/min": float(values.min())}
+
+
+def length_metrics(prefix: str, lengths: Sequence[int], limit: int) -> dict[str, float]:
+    """Mean / max / min of response lengths and the share that hit the budget ``limit``."""
+    values = torch.tensor(lengths, dtype=torch.float64)
+    clipped = float((values >= limit).double().mean()) if lengths else 0.0
+    return {**_stats(prefix, values), f"{prefix}/clip_ratio": clipped}
 
 
 class RolloutShards:

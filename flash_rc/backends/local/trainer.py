@@ -37,7 +37,6 @@ from flash_rc.backends.local.rollout import (
 )
 from flash_rc.config import engine_config, load_recipe
 from flash_rc.errors import ConfigError, WeightUpdateError
-from flash_rc.learner.config import ActorModelKeys
 from flash_rc.learner.distributed import World, init_world, world_size_from_env
 
 ENGINE_RANK = 0
@@ -82,8 +81,8 @@ def _broadcast(value: Any, world: World) -> Any:
 def _learner_settings(recipe: TrainRecipe, total_steps: int):
     from flash_rc.learner.learner import LearnerSettings
 
-    model_keys = ActorModelKeys(**{k: getattr(recipe.actor_rollout_ref.model, k) for k in ActorModelKeys.model_fields})
-    return LearnerSettings(actor=recipe.actor_rollout_ref.actor, model=model_keys,
+    # the recipe's model section is an ActorModelKeys (with the engine's keys besides)
+    return LearnerSettings(actor=recipe.actor_rollout_ref.actor, model=recipe.actor_rollout_ref.model,
                            correction=recipe.algorithm.rollout_correction.config(), total_steps=total_steps)
 
 
