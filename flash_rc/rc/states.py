@@ -22,7 +22,9 @@ This module knows nothing of training: it turns chains into states and buffer en
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import Field, create_model, model_validator
 
@@ -117,3 +119,13 @@ def draw_states(chain: ChainState, contexts: list[str], config: RCTrainConfig, r
 def buffer_entries(chain: ChainState, contexts: list[str]) -> list[tuple[str, int]]:
     """What a finished chain adds to the replay buffer: each context after a cycle, with its depth."""
     return [(context, chain.starting_step + i) for i, context in enumerate(contexts[1:], start=1)]
+
+
+def problem_text(messages: Sequence[Mapping[str, Any]], extra_info: Mapping[str, Any] | None) -> str:
+    """The raw problem of a training row, which RC wraps in its own prompts: ``extra_info.question`` when the row
+    has one, else the last user message of its chat prompt ("" if it has neither)."""
+    question = (extra_info or {}).get("question")
+    if isinstance(question, str) and question.strip():
+        return question
+    users = [m["content"] for m in messages if m.get("role") == "user"]
+    return users[-1] if users else ""
