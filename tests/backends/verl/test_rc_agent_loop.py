@@ -366,3 +366,29 @@ def test_module_docstring_names_the_verl_keys():
         "flash_rc.rc",
     ):
         assert key in doc
+
+
+def test_replay_buffer_in_the_named_ray_actor(tmp_path, tokenizer, monkeypatch):
+    """The production path: agent loops in any Ray worker share one named actor; saved and resumed through it."""
+    ray = pytest.importorskip("ray")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        config = make_config(tmp_path, replay={"enable": True})
+        callback = RCReplayCheckpoint(config)
+        assert rc_agent_loop.replay_host()._actor_id == callback.host._actor_id  # found by name
+        run_step(config, tokenizer, FakeServer(tokenizer), step=1, uids=("uid-a",))
+        key = rc_agent_loop.problem_key("openai/gsm8k", PROBLEMS["uid-a"][0])
+        folder = tmp_path / "ckpt" / "global_step_1"
+        callback.on_save(trainer=None, global_step=1, checkpoint_dir=str(folder))
+        saved = SummaryReplayBuffer(ReplayConfig(enable=True))
+        saved.load(folder / REPLAY_FILE)
+        assert [(e.text, e.starting_step) for e in saved.entries(key)] == [
+            (summary("uid-a", n, 0), n) for n in (1, 2, 3)
+        ]
+        (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").write_text("1")
+        ray.kill(callback.host)  # the run ends; a new one resumes from global_step_1
+        resumed = RCReplayCheckpoint(config)
+        assert ray.get(resumed.host.sample.remote(key))[0].text in {e.text for e in saved.entries(key)}
+    finally:
+        ray.shutdown()
