@@ -342,9 +342,12 @@ class Learner:
         from flash_rc.rollout.checkpoint import full_tensor
 
         directory = Path(directory)
-        full = {}
-        for name, tensor in self.state_source().state_dict().items():
-            gathered = full_tensor(tensor)  # every rank joins the gather; only the main rank keeps a copy
+        full, seen = {}, set()
+        for name, tensor in self.state_source().state_dict(keep_vars=True).items():
+            if id(tensor) in seen:
+                continue  # a tied alias (lm_head.weight of a tied-embedding model): stored once, as HF does
+            seen.add(id(tensor))
+            gathered = full_tensor(tensor.detach())  # every rank joins the gather; only the main rank keeps a copy
             if self.world.is_main:
                 full[name] = gathered.to("cpu", copy=True)
         if self.world.is_main:

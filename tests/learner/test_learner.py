@@ -189,3 +189,20 @@ def test_activation_checkpointing_gives_the_same_gradient(world, tiny_model, seq
     got, _ = gradients_of(checkpointed, sequences, old)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_a_tied_embedding_checkpoint_stores_the_shared_weight_once_and_loads_back(world, tmp_path):
+    # SmolLM2 ties lm_head to embed_tokens: the checkpoint must hold one copy (as HF's save_pretrained of the base
+    # model does), or an engine started from the base model refuses the checkpoint's extra lm_head.weight
+    from flash_rc.models import build_tiny_qwen2
+
+    tied = tmp_path / "tied"
+    build_tiny_qwen2(tied, tie_word_embeddings=True)
+    learner = Learner(tied, settings(), world)
+    learner.save(tmp_path / "ckpt", tied)
+    saved = load_file(next((tmp_path / "ckpt").glob("*.safetensors")))
+    assert "lm_head.weight" not in saved and set(saved) == set(load_file(next(tied.glob("*.safetensors"))))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+    torch.testing.assert_close(reloaded.model.embed_tokens.weight, saved["model.embed_tokens.weight"])
+    learner.load(tmp_path / "ckpt")  # the optimizer state and weights read back
