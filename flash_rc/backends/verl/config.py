@@ -38,7 +38,8 @@ from flash_rc.rollout.engine_config import EngineConfig
 from flash_rc.schema import Section, fields_of
 
 VerlEngineSection = create_model(
-    "VerlEngineSection", __base__=Section,
+    "VerlEngineSection",
+    __base__=Section,
     __doc__="``flash_rc.engine`` of a verl recipe: the rollout engine's precision and how it requantizes syncs.",
     **fields_of(EngineConfig, {name: name for name in ("precision", "fp8_granularity", "scales", "visibility_sample")}),
 )
@@ -126,9 +127,11 @@ def translate(cfg: DictConfig) -> DictConfig:
 
     quantization = OmegaConf.select(cfg, "actor_rollout_ref.rollout.quantization", default=None)
     if quantization is not None:
-        problems.append(f"actor_rollout_ref.rollout.quantization={quantization!r} contradicts "
-                        f"flash_rc.engine.precision={precision}: verl's rollout quantization must stay null, the "
-                        "rollout precision is flash_rc.engine.precision (bf16|int8|fp8)")
+        problems.append(
+            f"actor_rollout_ref.rollout.quantization={quantization!r} contradicts "
+            f"flash_rc.engine.precision={precision}: verl's rollout quantization must stay null, the "
+            "rollout precision is flash_rc.engine.precision (bf16|int8|fp8)"
+        )
     if precision != "bf16":
         from flash_rc.backends.verl.worker_ext import SETTINGS_ENV, vllm_engine_kwargs
 
@@ -140,8 +143,11 @@ def translate(cfg: DictConfig) -> DictConfig:
         for key, value in vllm_engine_kwargs(precision, section.engine.fp8_granularity).items():
             require(f"actor_rollout_ref.rollout.engine_kwargs.vllm.{key}", value, why=why)
         for name, variable in SETTINGS_ENV.items():
-            require(f"ray_kwargs.ray_init.runtime_env.env_vars.{variable}", str(getattr(section.engine, name)),
-                    why=f"flash_rc.engine.{name}={getattr(section.engine, name)}")
+            require(
+                f"ray_kwargs.ray_init.runtime_env.env_vars.{variable}",
+                str(getattr(section.engine, name)),
+                why=f"flash_rc.engine.{name}={getattr(section.engine, name)}",
+            )
 
     loss_key = "actor_rollout_ref.actor.policy_loss.loss_mode"
     require(loss_key, POLICY_LOSS, (VERL_DEFAULTS[loss_key],), "flash_rc's TIS policy loss")
@@ -259,8 +265,12 @@ def missing_files(cfg: DictConfig, section: FlashRCVerlSection) -> list[str]:
         model_keys += ["critic.model.path", "critic.model.tokenizer_path"]
     for key in model_keys:
         value = OmegaConf.select(cfg, key, default=None)
-        if value and not _REMOTE.match(value) and not Path(os.path.expanduser(value)).exists() \
-                and not (_HUB_ID.match(value) and not value.startswith(".")):
+        if (
+            value
+            and not _REMOTE.match(value)
+            and not Path(os.path.expanduser(value)).exists()
+            and not (_HUB_ID.match(value) and not value.startswith("."))
+        ):
             problems.append(f"{key}: model folder not found: {value} (a local path; Hub ids look like owner/name)")
     reward_path = OmegaConf.select(cfg, "reward.custom_reward_function.path", default=None)
     if reward_path:
@@ -299,35 +309,48 @@ def layout_problems(cfg: DictConfig, section: FlashRCVerlSection) -> list[str]:
         problems.append(f"actor_rollout_ref.actor.ulysses_sequence_parallel_size={sp} does not divide {where}")
     replica = rollout.tensor_model_parallel_size * rollout.data_parallel_size * rollout.pipeline_model_parallel_size
     if n_gpus % replica:
-        problems.append(f"a rollout replica (tensor_model_parallel_size x data_parallel_size x "
-                        f"pipeline_model_parallel_size = {replica} GPUs) does not divide {where}")
+        problems.append(
+            f"a rollout replica (tensor_model_parallel_size x data_parallel_size x "
+            f"pipeline_model_parallel_size = {replica} GPUs) does not divide {where}"
+        )
     batch, mini = cfg.data.train_batch_size, actor.ppo_mini_batch_size
     if batch % mini:
-        problems.append(f"data.train_batch_size={batch} is not a multiple of "
-                        f"actor_rollout_ref.actor.ppo_mini_batch_size={mini}")
+        problems.append(
+            f"data.train_batch_size={batch} is not a multiple of actor_rollout_ref.actor.ppo_mini_batch_size={mini}"
+        )
     dp = n_gpus // sp if n_gpus % sp == 0 else None
     per_prompt = section.rc.n_summ * section.rc.k if section.rc.enable else rollout.n
     sequences = mini * per_prompt
     if dp and not actor.use_dynamic_bsz:
         if sequences % dp:
-            problems.append(f"a mini-batch of {sequences} sequences (ppo_mini_batch_size x {per_prompt} per prompt) "
-                            f"does not split over {dp} data-parallel ranks ({n_gpus} GPUs / sequence parallel {sp})")
+            problems.append(
+                f"a mini-batch of {sequences} sequences (ppo_mini_batch_size x {per_prompt} per prompt) "
+                f"does not split over {dp} data-parallel ranks ({n_gpus} GPUs / sequence parallel {sp})"
+            )
         elif actor.ppo_micro_batch_size_per_gpu and (sequences // dp) % actor.ppo_micro_batch_size_per_gpu:
-            problems.append(f"{sequences // dp} sequences per data-parallel rank and mini-batch are not a multiple "
-                            f"of actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu="
-                            f"{actor.ppo_micro_batch_size_per_gpu}")
+            problems.append(
+                f"{sequences // dp} sequences per data-parallel rank and mini-batch are not a multiple "
+                f"of actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu="
+                f"{actor.ppo_micro_batch_size_per_gpu}"
+            )
     if section.rc.enable:
         if not trainer.use_v1:
-            problems.append("flash_rc.rc.enable needs trainer.use_v1=true (the v1 trainer takes several outputs per "
-                            "sample from an agent loop)")
+            problems.append(
+                "flash_rc.rc.enable needs trainer.use_v1=true (the v1 trainer takes several outputs per "
+                "sample from an agent loop)"
+            )
         if cfg.data.max_response_length < section.rc.max_thinking_tokens:
-            problems.append(f"data.max_response_length={cfg.data.max_response_length} is shorter than an RC "
-                            f"reasoning turn (flash_rc.rc.max_thinking_tokens={section.rc.max_thinking_tokens}): "
-                            "verl would cut the trained turns")
+            problems.append(
+                f"data.max_response_length={cfg.data.max_response_length} is shorter than an RC "
+                f"reasoning turn (flash_rc.rc.max_thinking_tokens={section.rc.max_thinking_tokens}): "
+                "verl would cut the trained turns"
+            )
     correction = cfg.algorithm.get("rollout_correction") or {}
     if correction.get("rollout_is") and not rollout.calculate_log_probs:
-        problems.append("algorithm.rollout_correction.rollout_is needs actor_rollout_ref.rollout.calculate_log_probs"
-                        "=true (the TIS weights divide by the rollout log-probs)")
+        problems.append(
+            "algorithm.rollout_correction.rollout_is needs actor_rollout_ref.rollout.calculate_log_probs"
+            "=true (the TIS weights divide by the rollout log-probs)"
+        )
     return problems
 
 
@@ -336,8 +359,14 @@ def precision_problems(section: FlashRCVerlSection, cuda_capabilities: list[tupl
     if section.engine.precision != "fp8":
         return []
     old = sorted({cap for cap in cuda_capabilities if tuple(cap) < FP8_MIN_CAPABILITY})
-    return [f"flash_rc.engine.precision=fp8 needs GPUs of compute capability >= 8.9 (Ada/Hopper or newer); this "
-            f"machine's GPUs have {', '.join(f'{major}.{minor}' for major, minor in old)}: use int8"] if old else []
+    return (
+        [
+            f"flash_rc.engine.precision=fp8 needs GPUs of compute capability >= 8.9 (Ada/Hopper or newer); this "
+            f"machine's GPUs have {', '.join(f'{major}.{minor}' for major, minor in old)}: use int8"
+        ]
+        if old
+        else []
+    )
 
 
 def _visible_capabilities() -> list[tuple[int, int]]:
@@ -363,8 +392,11 @@ def verl_problems(cfg: DictConfig) -> list[str]:
     use_critic = need_critic(cfg)
     critic_model = OmegaConf.select(cfg, "critic.model.path", default=None)
     if use_critic and _uncached_hub_model(critic_model):
-        print(f"note: verl's critic check skipped: {critic_model} is not in the local Hugging Face cache (it is "
-              "checked when training starts)", file=sys.stderr)
+        print(
+            f"note: verl's critic check skipped: {critic_model} is not in the local Hugging Face cache (it is "
+            "checked when training starts)",
+            file=sys.stderr,
+        )
         use_critic = False
     try:
         with contextlib.redirect_stdout(sys.stderr):

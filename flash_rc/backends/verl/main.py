@@ -103,12 +103,17 @@ def launch(cfg: DictConfig) -> None:
 
 
 def run(argv: list[str]) -> int:
-    parser = ArgumentParser(prog="python -m flash_rc.backends.verl.main",
-                            description="Train with a flash_rc recipe on verl 0.9.1 (recipes: recipe/verl).")
+    parser = ArgumentParser(
+        prog="python -m flash_rc.backends.verl.main",
+        description="Train with a flash_rc recipe on verl 0.9.1 (recipes: recipe/verl).",
+    )
     parser.add_argument("--config-name", required=True, help="recipe name, e.g. dapo_qwen2.5_32b_int8")
     parser.add_argument("--config-path", type=Path, default=RECIPES, help=f"recipe folder (default: {RECIPES})")
-    parser.add_argument("--dry-run", action="store_true",
-                        help=f"compose, check and print the final config, then exit (also: {DRY_RUN_ENV}=1)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help=f"compose, check and print the final config, then exit (also: {DRY_RUN_ENV}=1)",
+    )
     parser.add_argument("overrides", nargs="*", help="hydra overrides, e.g. trainer.nnodes=2 +key=value")
     args = parser.parse_intermixed_args(argv)
     dry_run = dry_run_requested(args.dry_run)
