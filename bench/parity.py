@@ -71,7 +71,7 @@ QUICK = ["data.train_batch_size=2", "actor_rollout_ref.rollout.n=4", "actor_roll
 """``--quick``: 3 steps of 2 prompts × 4 samples with 24-token answers."""
 STEP_SERIES = {"reward": "critic/score/mean", "kl": "rollout_corr/kl", "chi2": "rollout_corr/chi2_token",
                "ess": "rollout_corr/rollout_is_eff_sample_size", "update_lost": "sync/update_lost_fraction",
-               "step_seconds": "timing_s/step"}
+               "update_norm": "sync/update_norm_sampled", "step_seconds": "timing_s/step"}
 """What each run records per step, by its metrics.jsonl key."""
 
 
@@ -295,9 +295,11 @@ def main(argv: list[str] | None = None) -> int:
     common = [*(QUICK if args.quick else []), f"trainer.total_training_steps={steps}", *args.common]
     output = args.output.resolve()
     runs = {f"{arm}_seed{seed}": run_overrides(output, arm, seed, common) for seed in seeds for arm in arms}
+    from flash_rc.errors import FlashRCError
+
     try:
         resolved = next(iter(check_comparable(args.recipe, runs).values()))
-    except (ParityError, ValueError) as error:
+    except (ParityError, FlashRCError) as error:
         print(f"parity: {error}", file=sys.stderr)
         return 2
     val_file, max_tokens = resolved["data.val_files"], resolved["data.max_response_length"]
