@@ -53,7 +53,8 @@ models: $(STAMP)
 # rollouts + token TIS, the FSDP2 learner and a weight sync per step, then every checkpoint (and the base model)
 # evaluated in bf16 with the report; checkpoints and eval/ in checkpoints/flash_rc/demo_rc_smollm2_int8.
 # DEMO_ARGS='key=value ...' overrides recipe keys (recipe/local/demo_rc_smollm2_int8.yaml).
-DEMO_ARGS ?=
+ARITHMETIC ?= data/arithmetic
+DEMO_ARGS  ?=
 demo: install $(ARITHMETIC)/train.parquet
 	$(BIN)/python scripts/demo.py $(DEMO_ARGS)
 
@@ -63,7 +64,6 @@ demo-decode: install
 
 # `make train`: GRPO with INT8 rollouts + TIS on the built-in arithmetic task (~10 min on a 2-core CPU), checkpoints in
 # checkpoints/flash_rc/arithmetic_smollm2_int8. TRAIN_RECIPE / TRAIN_ARGS='key=value ...' choose another run.
-ARITHMETIC   ?= data/arithmetic
 TRAIN_RECIPE ?= recipe/local/arithmetic_smollm2_int8.yaml
 TRAIN_ARGS   ?=
 $(ARITHMETIC)/train.parquet: | $(STAMP)
