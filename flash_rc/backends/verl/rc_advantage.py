@@ -28,6 +28,7 @@ Config keys (verl 0.9.1 spelling)::
     algorithm.adv_estimator=flash_rc_rc_grpo
     trainer.v1.trainer_mode=flash_rc_rc        # registered by register_rc_trainer() in the TaskRunner process
     flash_rc.rc: {enable: true, t_train, n_summ, k, max_thinking_tokens, max_summary_tokens, replay: {...}}
+    trainer.checkpoint_callback_class=flash_rc.backends.verl.rc_agent_loop.RCReplayCheckpoint  # with replay.enable
 
 This module imports no heavy verl module (the plugin imports it lazily; the trainer base is imported only inside
 :func:`register_rc_trainer`, because it needs ``transfer_queue``).
@@ -50,6 +51,8 @@ from flash_rc.rc.states import RCTrainConfig
 
 RC_TRAINER_MODE = "flash_rc_rc"
 """``trainer.v1.trainer_mode`` of RC training: verl's sync trainer with the per-(problem, state) advantage groups."""
+RC_REPLAY_CALLBACK = "flash_rc.backends.verl.rc_agent_loop.RCReplayCheckpoint"
+"""``trainer.checkpoint_callback_class`` of RC training with the replay buffer: starts, resumes and saves it."""
 
 _batch_keys: contextvars.ContextVar[tuple[Sequence[str], int] | None] = contextvars.ContextVar(
     "flash_rc_rc_batch_keys", default=None
@@ -130,6 +133,12 @@ def check_rc_settings(config: Any) -> RCTrainConfig:
         problems.append(
             f"flash_rc.rc.replay.sample_per_problem={rc.replay.sample_per_problem}: the verl backend runs "
             "one online chain per problem (set 1)"
+        )
+    callback = _get(config, "trainer.checkpoint_callback_class")
+    if rc.replay.enable and callback != RC_REPLAY_CALLBACK:
+        problems.append(
+            f"trainer.checkpoint_callback_class={callback}: the replay buffer needs {RC_REPLAY_CALLBACK} "
+            "(it starts, resumes and saves the buffer)"
         )
     if rc.replay.enable and rc.replay.initial_path is not None:
         problems.append(
@@ -215,11 +224,14 @@ class RCAdvantageMixin:
 def register_rc_trainer() -> type:
     """Register ``trainer.v1.trainer_mode=flash_rc_rc`` (verl's ``PPOTrainerSync`` + :class:`RCAdvantageMixin`).
 
-    Call it in the process that resolves the trainer (verl's TaskRunner actor) before ``get_trainer_cls``; it imports
-    verl's v1 trainer, which needs ``transfer_queue``. Idempotent.
+    Must run in the process that resolves the trainer (verl's TaskRunner actor) before ``get_trainer_cls``: e.g. from
+    the plugin's import hook right after ``verl.trainer.ppo.v1.trainer_sync`` has executed (it imports only that
+    module and ``trainer_base``, so it works while the ``verl.trainer.ppo.v1`` package is still initialising).
+    Needs ``transfer_queue`` (verl's v1 trainer imports it), so it is not exercised on the CPU test machine.
+    Idempotent.
     """
-    from verl.trainer.ppo.v1 import PPOTrainerSync, register_trainer
-    from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
+    from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY, register_trainer
+    from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
     if RC_TRAINER_MODE in TRAINER_REGISTRY:
         return TRAINER_REGISTRY[RC_TRAINER_MODE]

@@ -72,7 +72,7 @@ from typing import Any
 from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopMetrics, AgentLoopOutput
 from verl.trainer.ppo.checkpoint_callback import CheckpointCallback
 
-from flash_rc.backends.verl.rc_advantage import _get, check_rc_settings, rc_settings
+from flash_rc.backends.verl.rc_advantage import RC_REPLAY_CALLBACK, _get, check_rc_settings, rc_settings
 from flash_rc.errors import ConfigError, PromptTooLongError
 from flash_rc.rc.grading import make_grader, turn_score_request
 from flash_rc.rc.replay import ReplayConfig, ReplayEntry, SummaryReplayBuffer
@@ -316,9 +316,9 @@ class RCAgentLoop(AgentLoopBase):
         )
         host = replay_host() if self.rc.replay.enable else None
         if self.rc.replay.enable and host is None:
-            callback = f"{RCReplayCheckpoint.__module__}.{RCReplayCheckpoint.__qualname__}"
             raise ConfigError(
-                f"flash_rc.rc.replay.enable needs the replay buffer: set trainer.checkpoint_callback_class={callback}"
+                "flash_rc.rc.replay.enable: no replay buffer was started (is "
+                f"trainer.checkpoint_callback_class={RC_REPLAY_CALLBACK} set?)"
             )
         starts = await _call(host, "sample", key) if host is not None else []
         if starts:  # sample_per_problem is 1 here: at most one

@@ -31,6 +31,7 @@ from verl.workers.rollout.replica import TokenOutput  # noqa: E402
 
 from flash_rc.backends.verl import rc_agent_loop  # noqa: E402
 from flash_rc.backends.verl.rc_advantage import (  # noqa: E402
+    RC_REPLAY_CALLBACK,
     RCAdvantageMixin,
     check_rc_settings,
     compute_rc_grpo_advantage,
@@ -90,7 +91,7 @@ class FakeServer:
         )
 
 
-def make_config(tmp_path, n=4, **rc):
+def make_config(tmp_path, n=4, callback=RC_REPLAY_CALLBACK, **rc):
     rc = {
         "enable": True,
         "t_train": 3,
@@ -107,6 +108,7 @@ def make_config(tmp_path, n=4, **rc):
             "algorithm": {"adv_estimator": "flash_rc_rc_grpo", "norm_adv_by_std_in_grpo": True},
             "trainer": {
                 "v1": {"trainer_mode": "flash_rc_rc"},
+                "checkpoint_callback_class": callback,
                 "resume_mode": "auto",
                 "default_local_dir": str(tmp_path / "ckpt"),
             },
@@ -307,8 +309,11 @@ def test_replay_buffer_is_consulted_updated_and_survives_save_and_load(tmp_path,
 
 
 def test_replay_without_the_checkpoint_callback_is_refused(tmp_path, tokenizer, monkeypatch):
-    monkeypatch.setattr(rc_agent_loop, "_LOCAL_HOST", None)
-    with pytest.raises(ConfigError, match="trainer.checkpoint_callback_class=flash_rc.backends.verl.rc_agent_loop"):
+    assert RC_REPLAY_CALLBACK == f"{RCReplayCheckpoint.__module__}.{RCReplayCheckpoint.__qualname__}"
+    with pytest.raises(ConfigError, match="trainer.checkpoint_callback_class=None: the replay buffer needs"):
+        check_rc_settings(make_config(tmp_path, callback=None, replay={"enable": True}))
+    monkeypatch.setattr(rc_agent_loop, "_LOCAL_HOST", None)  # configured, but no buffer was started: refused too
+    with pytest.raises(ConfigError, match="no replay buffer was started"):
         run_step(make_config(tmp_path, replay={"enable": True}), tokenizer, FakeServer(tokenizer), uids=("uid-a",))
 
 
