@@ -48,18 +48,9 @@ from flash_rc.rc.states import (
     cycle_config,
     draw_states,
     initial_context,
+    problem_text,
 )
 from flash_rc.types import SamplingConfig
-
-
-def problem_text(prompt: TrainPrompt) -> str:
-    """The raw problem of a row (RC builds its own prompt around it): ``extra_info.question``, else the last user
-    message of the row's prompt."""
-    question = prompt.extra_info.get("question")
-    if isinstance(question, str) and question.strip():
-        return question
-    users = [m["content"] for m in prompt.messages if m.get("role") == "user"]
-    return users[-1] if users else ""
 
 
 class RCRollout:
@@ -97,7 +88,8 @@ class RCRollout:
         for index in self.shards.mine(len(prompts)):
             prompt, starts = prompts[index], all_starts[index]
             for sample_id, start in enumerate(starts or [None]):
-                chain = ChainState(problem_id=prompt.uid, sample_id=sample_id, problem=problem_text(prompt),
+                chain = ChainState(problem_id=prompt.uid, sample_id=sample_id,
+                                   problem=problem_text(prompt.messages, prompt.extra_info),
                                    ground_truth=None if prompt.ground_truth is None else str(prompt.ground_truth),
                                    data_source=prompt.data_source)
                 if start is not None:
