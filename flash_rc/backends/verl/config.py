@@ -31,7 +31,13 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from pydantic import ValidationError, create_model
 
-from flash_rc.backends.verl.plugin import POLICY_LOSS, RC_ADV_ESTIMATOR, RC_AGENT_LOOP
+from flash_rc.backends.verl.plugin import (
+    POLICY_LOSS,
+    RC_ADV_ESTIMATOR,
+    RC_AGENT_LOOP,
+    RC_REPLAY_CALLBACK,
+    RC_TRAINER_MODE,
+)
 from flash_rc.errors import ConfigError
 from flash_rc.rc.states import RCTrainConfig
 from flash_rc.rollout.engine_config import EngineConfig
@@ -104,8 +110,9 @@ def translate(cfg: DictConfig) -> DictConfig:
       ``rollout.quantization`` must stay null (never two quantizers on one engine);
     - always: ``actor.policy_loss.loss_mode`` = flash_rc's PPO-clip x token-TIS loss (verl's ``vanilla`` numbers,
       through the fused kernel on CUDA);
-    - ``flash_rc.rc.enable``: the RC agent loop as ``rollout.agent.default_agent_loop`` and RC's per-state GRPO as
-      ``algorithm.adv_estimator``;
+    - ``flash_rc.rc.enable``: the RC agent loop as ``rollout.agent.default_agent_loop``, RC's per-state GRPO as
+      ``algorithm.adv_estimator`` with its trainer mode ``trainer.v1.trainer_mode``, ``rollout.n`` = N_summ x K (one
+      trained reasoning turn per verl session) and, with the replay buffer, its ``trainer.checkpoint_callback_class``;
     - built-in flash_rc model names (``tiny-qwen2``, ...) become their local folders, and relative local paths become
       absolute (Ray actors do not run in the launch directory).
 
@@ -157,6 +164,12 @@ def translate(cfg: DictConfig) -> DictConfig:
         why = "flash_rc.rc.enable (RC chains, advantages grouped per (problem, summary) state)"
         require(agent_key, RC_AGENT_LOOP, (VERL_DEFAULTS[agent_key],), why)
         require(adv_key, RC_ADV_ESTIMATOR, (VERL_DEFAULTS[adv_key],), why)
+        require("trainer.v1.trainer_mode", RC_TRAINER_MODE, ("sync",), why)
+        # verl copies a session's last reward onto its other outputs: one trained turn per session, n_summ x k each
+        require("actor_rollout_ref.rollout.n", section.rc.n_summ * section.rc.k, (1,), why)
+        if section.rc.replay.enable:
+            require("trainer.checkpoint_callback_class", RC_REPLAY_CALLBACK,
+                    why="flash_rc.rc.replay.enable (the callback starts, resumes and saves the buffer)")
     else:
         for key, ours in ((agent_key, RC_AGENT_LOOP), (adv_key, RC_ADV_ESTIMATOR)):
             if OmegaConf.select(cfg, key, default=None) == ours:
@@ -227,6 +240,13 @@ def check(cfg: DictConfig, base: DictConfig, cuda_capabilities: list[tuple[int, 
         cuda_capabilities = _visible_capabilities()
     problems += precision_problems(section, cuda_capabilities)
     problems += verl_problems(cfg)
+    if section.rc.enable:
+        from flash_rc.backends.verl.rc_advantage import check_rc_settings
+
+        try:
+            check_rc_settings(cfg)
+        except ConfigError as error:
+            problems.append(str(error))
     if problems:
         raise ConfigError(_problems("invalid verl recipe", problems))
 
@@ -319,7 +339,7 @@ def layout_problems(cfg: DictConfig, section: FlashRCVerlSection) -> list[str]:
             f"data.train_batch_size={batch} is not a multiple of actor_rollout_ref.actor.ppo_mini_batch_size={mini}"
         )
     dp = n_gpus // sp if n_gpus % sp == 0 else None
-    per_prompt = section.rc.n_summ * section.rc.k if section.rc.enable else rollout.n
+    per_prompt = rollout.n  # RC: N_summ x K, one trained turn per session (translate sets it)
     sequences = mini * per_prompt
     if dp and not actor.use_dynamic_bsz:
         if sequences % dp:
@@ -338,12 +358,6 @@ def layout_problems(cfg: DictConfig, section: FlashRCVerlSection) -> list[str]:
             problems.append(
                 "flash_rc.rc.enable needs trainer.use_v1=true (the v1 trainer takes several outputs per "
                 "sample from an agent loop)"
-            )
-        if cfg.data.max_response_length < section.rc.max_thinking_tokens:
-            problems.append(
-                f"data.max_response_length={cfg.data.max_response_length} is shorter than an RC "
-                f"reasoning turn (flash_rc.rc.max_thinking_tokens={section.rc.max_thinking_tokens}): "
-                "verl would cut the trained turns"
             )
     correction = cfg.algorithm.get("rollout_correction") or {}
     if correction.get("rollout_is") and not rollout.calculate_log_probs:

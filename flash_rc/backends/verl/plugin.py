@@ -1,4 +1,4 @@
-"""flash_rc's verl plugin: registers our policy loss, RC agent loop and RC advantage estimator with verl 0.9.1.
+"""flash_rc's verl plugin: registers our policy loss, RC agent loop, RC advantage estimator and RC trainer mode.
 
 How it is loaded. ``pyproject.toml`` declares this module under verl's ``verl.plugins`` entry-point group, and every
 ``import verl`` loads that group (unless ``VERL_USE_EXTERNAL_PLUGINS=none``) — in the driver, the trainer, the FSDP
@@ -26,7 +26,10 @@ What is registered:
 - agent loop :data:`RC_AGENT_LOOP` → the FQN of ``flash_rc.backends.verl.rc_agent_loop.RCAgentLoop`` (verl's registry
   stores a hydra ``_target_``, so that module is imported only where an agent loop is built);
 - advantage estimator :data:`RC_ADV_ESTIMATOR` → :func:`compute_rc_grpo_advantage`, which imports
-  ``flash_rc.backends.verl.rc_advantage`` on its first call (in the trainer process).
+  ``flash_rc.backends.verl.rc_advantage`` on its first call (in the trainer process);
+- v1 trainer mode :data:`RC_TRAINER_MODE` → verl's ``PPOTrainerSync`` with the batch keys the estimator groups by
+  (``rc_advantage.register_rc_trainer``), right after ``verl.trainer.ppo.v1.trainer_sync`` has executed (in verl's
+  TaskRunner, before it looks the mode up).
 """
 
 from __future__ import annotations
@@ -44,11 +47,17 @@ RC_AGENT_LOOP = "flash_rc_rc"
 RC_ADV_ESTIMATOR = "flash_rc_rc_grpo"
 """``algorithm.adv_estimator``: GRPO grouped per (problem, summary) state of RC training."""
 
+RC_TRAINER_MODE = "flash_rc_rc"
+"""``trainer.v1.trainer_mode`` of RC training: verl's sync trainer with the per-(problem, state) advantage groups."""
+RC_REPLAY_CALLBACK = "flash_rc.backends.verl.rc_agent_loop.RCReplayCheckpoint"
+"""``trainer.checkpoint_callback_class`` of RC training with the replay buffer: starts, resumes and saves it."""
+
 RC_AGENT_LOOP_TARGET = "flash_rc.backends.verl.rc_agent_loop.RCAgentLoop"
 """What verl's agent-loop registry stores for :data:`RC_AGENT_LOOP` (hydra instantiates it in the agent-loop worker)."""
 
 CORE_ALGOS = "verl.trainer.ppo.core_algos"
 AGENT_LOOP = "verl.experimental.agent_loop.agent_loop"
+TRAINER_SYNC = "verl.trainer.ppo.v1.trainer_sync"
 
 
 def compute_rc_grpo_advantage(token_level_rewards, response_mask, config=None, index=None, **kwargs):
@@ -71,6 +80,12 @@ def _register_losses_and_estimators(core_algos: ModuleType) -> None:
 def _register_agent_loop(agent_loop: ModuleType) -> None:
     # What verl's own @register(name) decorator stores, without importing the class here.
     agent_loop._agent_loop_registry[RC_AGENT_LOOP] = {"_target_": RC_AGENT_LOOP_TARGET}
+
+
+def _register_rc_trainer(trainer_sync: ModuleType) -> None:
+    from flash_rc.backends.verl.rc_advantage import register_rc_trainer
+
+    register_rc_trainer()
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):
@@ -126,3 +141,4 @@ def _after_import(module_name: str, register: Callable[[ModuleType], None]) -> N
 
 _after_import(CORE_ALGOS, _register_losses_and_estimators)
 _after_import(AGENT_LOOP, _register_agent_loop)
+_after_import(TRAINER_SYNC, _register_rc_trainer)

@@ -45,14 +45,9 @@ import numpy as np
 import torch
 
 from flash_rc.algo.advantages import GRPOConfig, grpo_advantages
-from flash_rc.backends.verl.plugin import RC_ADV_ESTIMATOR
+from flash_rc.backends.verl.plugin import RC_ADV_ESTIMATOR, RC_REPLAY_CALLBACK, RC_TRAINER_MODE
 from flash_rc.errors import ConfigError
 from flash_rc.rc.states import RCTrainConfig
-
-RC_TRAINER_MODE = "flash_rc_rc"
-"""``trainer.v1.trainer_mode`` of RC training: verl's sync trainer with the per-(problem, state) advantage groups."""
-RC_REPLAY_CALLBACK = "flash_rc.backends.verl.rc_agent_loop.RCReplayCheckpoint"
-"""``trainer.checkpoint_callback_class`` of RC training with the replay buffer: starts, resumes and saves it."""
 
 _batch_keys: contextvars.ContextVar[tuple[Sequence[str], int] | None] = contextvars.ContextVar(
     "flash_rc_rc_batch_keys", default=None

@@ -72,7 +72,8 @@ from typing import Any
 from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopMetrics, AgentLoopOutput
 from verl.trainer.ppo.checkpoint_callback import CheckpointCallback
 
-from flash_rc.backends.verl.rc_advantage import RC_REPLAY_CALLBACK, _get, check_rc_settings, rc_settings
+from flash_rc.backends.verl.plugin import RC_REPLAY_CALLBACK
+from flash_rc.backends.verl.rc_advantage import _get, check_rc_settings, rc_settings
 from flash_rc.errors import ConfigError, PromptTooLongError
 from flash_rc.rc.grading import make_grader, turn_score_request
 from flash_rc.rc.replay import ReplayConfig, ReplayEntry, SummaryReplayBuffer

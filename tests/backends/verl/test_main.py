@@ -196,16 +196,29 @@ def test_explicit_settings_that_contradict_the_flash_rc_section(no_ray, capsys, 
     ]
 
 
-def test_rc_recipe_refuses_another_advantage_estimator(no_ray, capsys, tmp_path):
+@pytest.mark.parametrize(("override", "message"), [
+    ("algorithm.adv_estimator=grpo", "algorithm.adv_estimator='grpo' contradicts flash_rc.rc.enable (RC chains, "
+     "advantages grouped per (problem, summary) state): leave it unset (flash_rc sets 'flash_rc_rc_grpo')"),
+    ("actor_rollout_ref.rollout.n=8", "actor_rollout_ref.rollout.n=8 contradicts flash_rc.rc.enable (RC chains, "
+     "advantages grouped per (problem, summary) state): leave it unset (flash_rc sets 16)"),
+    ("trainer.v1.trainer_mode=colocate_async", "trainer.v1.trainer_mode='colocate_async' contradicts "
+     "flash_rc.rc.enable (RC chains, advantages grouped per (problem, summary) state): leave it unset (flash_rc sets "
+     "'flash_rc_rc')"),
+])  # fmt: skip
+def test_rc_recipe_refuses_settings_rc_training_cannot_run_with(no_ray, capsys, tmp_path, override, message):
     train = tmp_path / "train.parquet"
     train.touch()
-    lines = refused([f"data.train_files={train}", f"data.val_files={train}", "algorithm.adv_estimator=grpo"],
-                    capsys, name="rc_qwen3_4b_int8")  # fmt: skip
-    assert lines == [
-        "flash-rc verl: error: the flash_rc section contradicts the recipe: algorithm.adv_estimator="
-        "'grpo' contradicts flash_rc.rc.enable (RC chains, advantages grouped per (problem, summary) "
-        "state): leave it unset (flash_rc sets 'flash_rc_rc_grpo')"
-    ]
+    lines = refused([f"data.train_files={train}", f"data.val_files={train}", override], capsys,
+                    name="rc_qwen3_4b_int8")  # fmt: skip
+    assert lines == [f"flash-rc verl: error: the flash_rc section contradicts the recipe: {message}"]
+
+
+def test_rc_recipe_refuses_dynamic_sampling_before_ray(no_ray, capsys, tmp_path):
+    train = tmp_path / "train.parquet"
+    train.touch()
+    (line,) = refused([f"data.train_files={train}", f"data.val_files={train}", "algorithm.filter_groups.enable=true"],
+                      capsys, name="rc_qwen3_4b_int8")  # fmt: skip
+    assert line.startswith("flash-rc verl: error: invalid verl recipe") and "filter_groups" in line
 
 
 def test_fp8_on_a_gpu_below_sm89():

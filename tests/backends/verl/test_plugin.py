@@ -33,6 +33,12 @@ PROBE = textwrap.dedent(f"""
     after_import_verl = sorted(sys.modules)
     from verl.trainer.ppo import core_algos
     from verl.experimental.agent_loop import agent_loop
+    from unittest import mock
+    transfer_queue = mock.MagicMock(name="transfer_queue")  # verl[verl-core]'s TransferQueue: not installable here,
+    transfer_queue.__path__, transfer_queue.__spec__ = [], None  # and verl's v1 trainer imports it at the top
+    sys.modules.setdefault("transfer_queue", transfer_queue)
+    from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
+    trainer = TRAINER_REGISTRY.get({plugin.RC_TRAINER_MODE!r})
     loss = core_algos.POLICY_LOSS_REGISTRY.get({plugin.POLICY_LOSS!r})
     estimator = core_algos.ADV_ESTIMATOR_REGISTRY.get({plugin.RC_ADV_ESTIMATOR!r})
     print(json.dumps({{
@@ -41,6 +47,8 @@ PROBE = textwrap.dedent(f"""
         "estimator": estimator and f"{{estimator.__module__}}.{{estimator.__qualname__}}",
         "agent_loop": agent_loop._agent_loop_registry.get({plugin.RC_AGENT_LOOP!r}),
         "builtin_agent_loops": sorted(agent_loop._agent_loop_registry),
+        "trainer_mro": trainer and [f"{{c.__module__}}.{{c.__qualname__}}" for c in trainer.__mro__[:3]],
+        "builtin_trainers": sorted(TRAINER_REGISTRY),
         "imported_later": sorted(m for m in sys.modules if m.startswith("flash_rc")),
     }}))
 """)
@@ -73,16 +81,20 @@ def test_fresh_import_verl_registers_everything(fresh):
     assert seen["estimator"] == "flash_rc.backends.verl.plugin.compute_rc_grpo_advantage"
     assert seen["agent_loop"] == {"_target_": "flash_rc.backends.verl.rc_agent_loop.RCAgentLoop"}
     assert {"single_turn_agent", "tool_agent"} <= set(seen["builtin_agent_loops"])  # verl's own survive
-    # The loop's module is imported only where an agent loop is built (hydra instantiates the _target_), the
-    # estimator's on its first call.
-    assert not {"flash_rc.backends.verl.rc_agent_loop", "flash_rc.backends.verl.rc_advantage"} & set(
-        seen["imported_later"]
-    )
+    # the RC trainer mode: verl's real sync trainer with the mixin that scopes the batch keys for the estimator
+    assert seen["trainer_mro"] == ["flash_rc.backends.verl.rc_advantage.RCTrainerSync",
+                                   "flash_rc.backends.verl.rc_advantage.RCAdvantageMixin",
+                                   "verl.trainer.ppo.v1.trainer_sync.PPOTrainerSync"]
+    assert {"sync", "colocate_async", "separate_async"} <= set(seen["builtin_trainers"])
+    # The loop's module is imported only where an agent loop is built (hydra instantiates the _target_); the
+    # estimator's module where verl's v1 trainer is (registering the trainer mode), which this probe did.
+    assert "flash_rc.backends.verl.rc_agent_loop" not in seen["imported_later"]
+    assert "flash_rc.backends.verl.rc_advantage" in seen["imported_later"]
 
 
 def test_nothing_is_registered_without_the_entry_point(fresh):
     seen = fresh["none"]
-    assert (seen["loss"], seen["estimator"], seen["agent_loop"]) == (None, None, None)
+    assert (seen["loss"], seen["estimator"], seen["agent_loop"], seen["trainer_mro"]) == (None, None, None, None)
     assert plugin.__name__ not in seen["modules"]
 
 
@@ -120,9 +132,9 @@ def test_registration_waits_for_the_module_and_runs_once(tmp_path, monkeypatch):
 def test_estimator_forwards_verls_call_to_the_rc_module(monkeypatch):
     """verl calls ``fn(token_level_rewards=, response_mask=, config=, index=, **extra)``; the registered function passes
     exactly that on to ``rc_advantage.compute_rc_grpo_advantage`` and returns its (advantages, returns)."""
-    rc_advantage = pytest.importorskip("flash_rc.backends.verl.rc_advantage",
-                                       reason="helper R's rc_advantage module is not in this tree yet")  # fmt: skip
     from verl.trainer.ppo import core_algos
+
+    from flash_rc.backends.verl import rc_advantage
 
     calls = []
 

@@ -22,7 +22,13 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from flash_rc.backends.verl import main  # noqa: E402
 from flash_rc.backends.verl.config import FlashRCVerlSection  # noqa: E402
-from flash_rc.backends.verl.plugin import POLICY_LOSS, RC_ADV_ESTIMATOR, RC_AGENT_LOOP  # noqa: E402
+from flash_rc.backends.verl.plugin import (  # noqa: E402
+    POLICY_LOSS,
+    RC_ADV_ESTIMATOR,
+    RC_AGENT_LOOP,
+    RC_REPLAY_CALLBACK,
+    RC_TRAINER_MODE,
+)
 from flash_rc.backends.verl.worker_ext import SETTINGS_ENV, vllm_engine_kwargs  # noqa: E402
 
 pytestmark = pytest.mark.verl
@@ -83,6 +89,10 @@ def test_recipe_composes_and_validates_in_dry_run(name, tmp_path, capsys):
     rc = section.rc.enable
     assert (rollout["agent"]["default_agent_loop"] == RC_AGENT_LOOP) == rc
     assert (cfg["algorithm"]["adv_estimator"] == RC_ADV_ESTIMATOR) == rc
+    assert (cfg["trainer"]["v1"]["trainer_mode"] == RC_TRAINER_MODE) == rc
+    if rc:  # one trained reasoning turn per verl session; the replay buffer's checkpoint callback
+        assert rollout["n"] == section.rc.n_summ * section.rc.k
+        assert (cfg["trainer"]["checkpoint_callback_class"] == RC_REPLAY_CALLBACK) == section.rc.replay.enable
     reward = cfg["reward"]["custom_reward_function"]
     assert (reward["path"], reward["name"]) == ("pkg://flash_rc.rewards.router", "compute_score")
     assert (
