@@ -71,7 +71,8 @@ QUICK = ["data.train_batch_size=2", "actor_rollout_ref.rollout.n=4", "actor_roll
 """``--quick``: 3 steps of 2 prompts × 4 samples with 24-token answers."""
 STEP_SERIES = {"reward": "critic/score/mean", "kl": "rollout_corr/kl", "chi2": "rollout_corr/chi2_token",
                "ess": "rollout_corr/rollout_is_eff_sample_size", "update_lost": "sync/update_lost_fraction",
-               "update_norm": "sync/update_norm_sampled", "step_seconds": "timing_s/step"}
+               "update_norm": "sync/update_norm_sampled", "update_error": "sync/update_relative_error",
+               "codes_changed": "sync/codes_changed_fraction", "step_seconds": "timing_s/step"}
 """What each run records per step, by its metrics.jsonl key."""
 
 
@@ -133,8 +134,10 @@ def check_comparable(recipe: Path, runs: dict[str, list[str]]) -> dict[str, dict
 
 
 def completed_steps(run_dir: Path) -> int:
-    state = run_dir / "trainer_state.json"
-    return json.loads(state.read_text())["global_step"] if state.is_file() else 0
+    from flash_rc.backends.local.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(run_dir) if run_dir.is_dir() else None
+    return 0 if latest is None else latest[0]
 
 
 def train(recipe: Path, run_dir: Path, overrides: list[str], steps: int, log: Path) -> dict[str, Any]:
@@ -206,7 +209,7 @@ def summarise(study: dict[str, Any]) -> list[dict[str, Any]]:
             "reward_last3": mean(last3), "reward_last3_per_seed": last3,
             "heldout_bf16": mean(accuracy), "heldout_bf16_per_seed": accuracy,
             **{f"{name}_mean": mean([mean(run["series"][name]) for run in runs])
-               for name in ("kl", "chi2", "ess", "update_lost", "step_seconds")},
+               for name in ("kl", "chi2", "ess", "update_lost", "update_error", "codes_changed", "step_seconds")},
         })
         if ARMS[arm]["algorithm.rollout_correction.rollout_is"] is None:
             table[-1]["ess_mean"] = None  # no weights applied: the logged ESS of all-ones weights says nothing
@@ -221,15 +224,15 @@ def markdown(table: list[dict[str, Any]]) -> str:
         return " / ".join(number(v, 2) for v in values)
 
     lines = ["| arm | seeds | steps | reward step 1 | reward, last 3 steps (per seed) | held-out acc, bf16 (per seed) "
-             "| KL(rollout‖learner) | χ² token | ESS | update lost | s/step |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| KL(rollout‖learner) | χ² token | ESS | update lost |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in table:
         lines.append(
             f"| {row['arm']} | {row['seeds']} | {row['steps']} | {number(row['reward_first'], 2)} "
             f"| {number(row['reward_last3'], 2)} ({seeds(row['reward_last3_per_seed'])}) "
             f"| {number(row['heldout_bf16'], 2)} ({seeds(row['heldout_bf16_per_seed'])}) "
             f"| {number(row['kl_mean'], 4)} | {number(row['chi2_mean'], 4)} | {number(row['ess_mean'])} "
-            f"| {number(row['update_lost_mean'], 4)} | {number(row['step_seconds_mean'], 1)} |")
+            f"| {number(row['update_lost_mean'], 4)} |")  # s/step stays in parity.json: wall time on a shared machine
     return "\n".join(lines) + "\n"
 
 
@@ -257,15 +260,20 @@ def plot(study: dict[str, Any], output: Path) -> list[Path]:
     figure.savefig(paths[0], dpi=110)
     plt.close(figure)
 
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for name, run in study["runs"].items():
-        lost = run["series"]["update_lost"]
-        if run["arm"] != "bf16" and any(v is not None for v in lost):
-            axis.plot(range(1, len(lost) + 1), [v if v is not None else math.nan for v in lost], "o-",
-                      color=colors[run["arm"]], label=name, markersize=3)
-    axis.set(title="share of the learner's update lost to quantization\n(sync/update_lost_fraction)",
-             xlabel="step", ylabel="fraction lost")
-    axis.legend(fontsize=7)
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    panels = (("update_lost", "update lost to rounding (sync/update_lost_fraction)"),
+              ("codes_changed", "codes that changed (sync/codes_changed_fraction)"))
+    for axis, (series_name, title) in zip(axes, panels, strict=True):
+        for name, run in study["runs"].items():
+            values = run["series"][series_name]
+            if run["arm"] != "bf16" and any(v is not None for v in values):
+                style = "o-" if name.endswith("seed" + str(study["seeds"][0])) else "s--"
+                axis.plot(range(1, len(values) + 1), [v if v is not None else math.nan for v in values], style,
+                          color=colors[run["arm"]], label=name, markersize=3)
+        axis.set(title=title, xlabel="step")
+    axes[0].legend(fontsize=7)
+    figure.suptitle("what of each learner update reaches the 8-bit engine (sampled rows of every quantized weight)",
+                    fontsize=9)
     figure.tight_layout()
     figure.savefig(paths[1], dpi=110)
     plt.close(figure)
