@@ -136,8 +136,28 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach() if tensor.requires_grad else tensor
 
 
+TIED_ALIAS = "lm_head.weight"
+"""The tensor a tied-embedding model's checkpoint does not store (HF's ``save_pretrained`` drops it)."""
+
+
+def ties_word_embeddings(model_path: Path) -> bool:
+    """Whether the folder's ``config.json`` says (explicitly) that lm_head is the input embedding."""
+    import json
+
+    config_file = Path(model_path) / "config.json"
+    if not config_file.is_file():
+        return False
+    config = json.loads(config_file.read_text())
+    return bool(config.get("tie_word_embeddings", (config.get("text_config") or {}).get("tie_word_embeddings")))
+
+
 class CheckpointTensors(Mapping):
-    """The tensors of an HF safetensors folder as a lazy mapping: each tensor is read when it is streamed."""
+    """The tensors of an HF safetensors folder as a lazy mapping: each tensor is read when it is streamed.
+
+    A tied-embedding model's folder that also stores ``lm_head.weight`` (flash_rc's learner did before 2026-12-01)
+    is read as HF's layout, without that alias: checkpoints of one model then have one tensor set however they were
+    written, so an engine started from either layout accepts the other.
+    """
 
     def __init__(self, model_path: Path):
         from safetensors import safe_open
@@ -152,6 +172,8 @@ class CheckpointTensors(Mapping):
                     self.shapes[name] = tuple(f.get_slice(name).get_shape())
         if not self._files:
             raise FileNotFoundError(f"no *.safetensors weights in {model_path}")
+        if TIED_ALIAS in self._files and ties_word_embeddings(model_path):
+            del self._files[TIED_ALIAS], self.shapes[TIED_ALIAS]
 
     def __getitem__(self, name: str) -> torch.Tensor:
         from safetensors import safe_open

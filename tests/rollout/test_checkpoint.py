@@ -81,3 +81,30 @@ def test_export_writes_shards_with_an_index(tiny_model, tmp_path):
     assert len(shards) > 2 and set(index.values()) == set(shards)
     tensors = CheckpointTensors(exported)
     assert set(tensors) == set(index) and tensors["model.layers.1.self_attn.o_proj.weight"].dtype == torch.float8_e4m3fn
+
+
+def test_a_stored_tied_alias_is_read_as_hfs_layout(engine_slot, tmp_path, tiny_model):
+    # flash_rc's learner stored lm_head.weight beside embed_tokens.weight for tied models before 2026-12-01; such a
+    # folder reads as HF's layout, so an engine started from the base model takes it (it refused it: "missing" or
+    # "unknown tensors") — and an untied model keeps its lm_head
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from flash_rc.models import build_tiny_qwen2
+
+    tied = tmp_path / "tied"
+    build_tiny_qwen2(tied, tie_word_embeddings=True)
+    (weights_file,) = tied.glob("*.safetensors")
+    with_alias = tmp_path / "with_alias"
+    shutil.copytree(tied, with_alias)
+    state = load_file(weights_file)
+    assert "lm_head.weight" not in state
+    save_file({**state, "lm_head.weight": state["model.embed_tokens.weight"].clone()},
+              with_alias / weights_file.name)  # fmt: skip
+    assert set(CheckpointTensors(with_alias)) == set(CheckpointTensors(tied)) == set(state)
+    assert "lm_head.weight" in CheckpointTensors(tiny_model)  # untied: a real tensor
+    engine = engine_slot.get(EngineConfig(model=str(tied), dtype="float32", max_model_len=1024, kv_cache_gib=0.25))
+    before = engine.model_version
+    engine.load(CheckpointTensors(with_alias))
+    assert engine.model_version == before + 1
