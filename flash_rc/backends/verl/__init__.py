@@ -7,7 +7,9 @@
   through the fused TIS kernel, equal to verl's ``vanilla`` loss on the same inputs.
 - ``worker_ext``: the INT8 / FP8 vLLM worker extensions (``rollout.engine_kwargs.vllm``): every weight sync
   requantized with frozen or refreshed scales and update-visibility metrics; ``vllm_engine_kwargs(precision)``.
-- ``rc_agent_loop`` / ``rc_advantage``: the Reasoning Cache agent loop (``flash_rc_rc``) and its per-state GRPO
-  advantage estimator (``flash_rc_rc_grpo``).
-- ``config`` / ``main``: the launcher: recipe checks and ``python -m flash_rc.backends.verl.main``.
+- ``rc_agent_loop`` / ``rc_advantage``: the Reasoning Cache agent loop (``flash_rc_rc``), its per-state GRPO
+  advantage estimator (``flash_rc_rc_grpo``), the v1 trainer mode that hands the estimator each row's state
+  (``flash_rc_rc``) and the replay buffer's checkpoint callback (``RCReplayCheckpoint``).
+- ``config`` / ``main``: the launcher: the ``flash_rc:`` section written into verl's keys, every check before Ray,
+  and ``python -m flash_rc.backends.verl.main``.
 """
