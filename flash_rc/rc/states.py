@@ -96,9 +96,24 @@ class TrainingState:
         """The GRPO group: ``problem_id|sample_id|index``."""
         return f"{self.chain.problem_id}|{self.chain.sample_id}|{self.index}"
 
+    def prompt_view(self) -> ChainState:
+        """A chain whose next reasoning prompt is this state's I_R(problem, context) (either mode's template field)."""
+        return ChainState(problem_id=self.chain.problem_id, sample_id=self.chain.sample_id, problem=self.chain.problem,
+                          curr_summary=self.context, curr_reasoning=self.context)  # fmt: skip
+
 
 def initial_context(chain: ChainState, mode: str) -> str:
     return chain.curr_reasoning if mode != "rc" else chain.curr_summary
+
+
+def start_from(chain: ChainState, context: str, starting_step: int, mode: str) -> None:
+    """Start a fresh ``chain`` from a replayed context: a summary in RC mode, a reasoning trace in the baselines
+    (what :func:`initial_context` then returns), ``starting_step`` cycles deep."""
+    chain.starting_step = starting_step
+    if mode == "rc":
+        chain.curr_summary = context
+    else:
+        chain.curr_reasoning = context
 
 
 def chain_contexts(chain: ChainState, mode: str, initial: str) -> list[str]:

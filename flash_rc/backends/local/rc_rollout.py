@@ -49,6 +49,7 @@ from flash_rc.rc.states import (
     draw_states,
     initial_context,
     problem_text,
+    start_from,
 )
 from flash_rc.types import SamplingConfig
 
@@ -93,11 +94,7 @@ class RCRollout:
                                    ground_truth=None if prompt.ground_truth is None else str(prompt.ground_truth),
                                    data_source=prompt.data_source)
                 if start is not None:
-                    chain.starting_step = start.starting_step
-                    if self.rc.mode == "rc":
-                        chain.curr_summary = start.text
-                    else:
-                        chain.curr_reasoning = start.text
+                    start_from(chain, start.text, start.starting_step, self.rc.mode)
                 chains.append(((index, sample_id), (prompt, chain, initial_context(chain, self.rc.mode))))
         return chains
 
@@ -143,9 +140,7 @@ class RCRollout:
 
     def _state_prompt(self, scheduler: CycleScheduler, prompt: TrainPrompt, state: TrainingState) -> TrainPrompt:
         """The state as a prompt of its own: I_R(problem, context), its id the GRPO group (problem, sample, j)."""
-        view = ChainState(problem_id=state.chain.problem_id, sample_id=state.chain.sample_id,
-                          problem=state.chain.problem, curr_summary=state.context, curr_reasoning=state.context)
-        messages = scheduler.messages(view, "reasoning")
+        messages = scheduler.messages(state.prompt_view(), "reasoning")
         return TrainPrompt(uid=state.key, prompt_token_ids=tuple(self.engine.encode(messages)),
                            data_source=prompt.data_source, ground_truth=prompt.ground_truth,
                            extra_info=prompt.extra_info, messages=messages)

@@ -88,6 +88,7 @@ from flash_rc.rc.states import (
     draw_states,
     initial_context,
     problem_text,
+    start_from,
 )
 from flash_rc.rewards.router import compute_score_async
 from flash_rc.types import Completion, SamplingConfig
@@ -323,10 +324,7 @@ class RCAgentLoop(AgentLoopBase):
             )
         starts = await _call(host, "sample", key) if host is not None else []
         if starts:  # sample_per_problem is 1 here: at most one
-            chain.starting_step = starts[0].starting_step
-            chain.curr_summary, chain.curr_reasoning = (
-                ("", starts[0].text) if self.rc.mode != "rc" else (starts[0].text, "")
-            )
+            start_from(chain, starts[0].text, starts[0].starting_step, self.rc.mode)
         initial = initial_context(chain, self.rc.mode)
         scheduler = CycleScheduler(
             engine, cycle_config(self.rc, self.rc.seed), grader=make_grader("data_source"), render=self.render
@@ -344,14 +342,7 @@ class RCAgentLoop(AgentLoopBase):
                             row: dict[str, Any]) -> AgentLoopOutput:  # fmt: skip
         """One reasoning turn from ``state``, scored on its own answer."""
         chain = shared.chain
-        view = ChainState(
-            problem_id=chain.problem_id,
-            sample_id=chain.sample_id,
-            problem=chain.problem,
-            curr_summary=state.context,
-            curr_reasoning=state.context,
-        )
-        prompt_ids = self.render(shared.scheduler.messages(view, "reasoning"))
+        prompt_ids = self.render(shared.scheduler.messages(state.prompt_view(), "reasoning"))
         started = time.perf_counter()
         completion, output = await engine.generate(
             prompt_ids, self.rc.max_thinking_tokens, request_id=f"{state.key}|train|{sample}"
