@@ -234,7 +234,7 @@ def check(cfg: DictConfig, base: DictConfig, cuda_capabilities: list[tuple[int, 
     """
     section = flash_rc_section(cfg)
     problems = unknown_keys(cfg, base)
-    problems += missing_files(cfg, section)
+    problems += missing_files(cfg)
     problems += layout_problems(cfg, section)
     if cuda_capabilities is None:
         cuda_capabilities = _visible_capabilities()
@@ -271,8 +271,9 @@ def _unknown(tree: dict, schema: dict, prefix: str) -> list[str]:
     return problems
 
 
-def missing_files(cfg: DictConfig, section: FlashRCVerlSection) -> list[str]:
-    """Local data, model, reward-function and replay-buffer files that do not exist (remote ones are not checked)."""
+def missing_files(cfg: DictConfig) -> list[str]:
+    """Local data, model and reward-function files that do not exist (remote ones are not checked; an RC replay
+    buffer file, ``flash_rc.rc.replay.initial_path``, is refused on verl altogether by ``check_rc_settings``)."""
     from verl.trainer.ppo.utils import need_critic
 
     problems = []
@@ -300,9 +301,6 @@ def missing_files(cfg: DictConfig, section: FlashRCVerlSection) -> list[str]:
                 problems.append(f"reward.custom_reward_function.path: no module {module!r} importable here")
         elif not Path(os.path.expanduser(reward_path.removeprefix("file://"))).is_file():
             problems.append(f"reward.custom_reward_function.path: file not found: {reward_path}")
-    replay = section.rc.replay
-    if section.rc.enable and replay.enable and replay.initial_path and not Path(replay.initial_path).is_file():
-        problems.append(f"flash_rc.rc.replay.initial_path: file not found: {replay.initial_path}")
     return problems
 
 
