@@ -76,8 +76,22 @@ STEP_SERIES = {"reward": "critic/score/mean", "kl": "rollout_corr/kl", "chi2": "
 """What each run records per step, by its metrics.jsonl key."""
 
 
+FLASH_RC = str(Path(sys.executable).with_name("flash-rc"))
+"""The CLI each run and the sweep go through (this interpreter's environment)."""
+
+
 class ParityError(ValueError):
     """The arms are not comparable, or the study cannot start."""
+
+
+def run_name(arm: str, seed: int) -> str:
+    return f"{arm}_seed{seed}"
+
+
+def arm_and_seed(name: str) -> tuple[str, int]:
+    """The inverse of :func:`run_name`."""
+    arm, seed = name.rsplit("_seed", 1)
+    return arm, int(seed)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -94,7 +108,7 @@ def arm_overrides(arm: str) -> list[str]:
 
 
 def run_overrides(output: Path, arm: str, seed: int, common: list[str]) -> list[str]:
-    name = f"{arm}_seed{seed}"
+    name = run_name(arm, seed)
     seeded = [f"data.seed={seed}", f"flash_rc.train.rollout_seed={seed}", "trainer.test_freq=-1",
               "trainer.val_before_train=false", "trainer.save_freq=-1", "trainer.logger=[console]",
               "flash_rc.train.progress=false"]
@@ -114,14 +128,14 @@ def resolved_recipe(recipe: Path, overrides: list[str]) -> dict[str, Any]:
 
 def check_comparable(recipe: Path, runs: dict[str, list[str]]) -> dict[str, dict[str, Any]]:
     """Each run's resolved recipe; refuses arms that differ in anything but precision / TIS / scales (and names)."""
-    for arm in {name.rsplit("_seed", 1)[0] for name in runs}:
+    for arm in {arm_and_seed(name)[0] for name in runs}:
         stray = sorted(set(ARMS[arm]) - ARM_KEYS)
         if stray:
             raise ParityError(f"arm {arm} sets {stray}: arms may only differ in {sorted(ARM_KEYS)}")
     resolved = {name: resolved_recipe(recipe, overrides) for name, overrides in runs.items()}
-    by_seed: dict[str, dict[str, dict[str, Any]]] = {}
+    by_seed: dict[int, dict[str, dict[str, Any]]] = {}
     for name, flat in resolved.items():
-        by_seed.setdefault(name.rsplit("_seed", 1)[1], {})[name] = flat
+        by_seed.setdefault(arm_and_seed(name)[1], {})[name] = flat
     for group in by_seed.values():
         (first, reference), *others = group.items()
         for name, flat in others:
@@ -133,18 +147,19 @@ def check_comparable(recipe: Path, runs: dict[str, list[str]]) -> dict[str, dict
     return resolved
 
 
-def completed_steps(run_dir: Path) -> int:
+def final_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
+    """(step, folder) of the run's latest complete checkpoint, None before the first."""
     from flash_rc.backends.local.checkpoint import latest_checkpoint
 
-    latest = latest_checkpoint(run_dir) if run_dir.is_dir() else None
-    return 0 if latest is None else latest[0]
+    return latest_checkpoint(run_dir) if run_dir.is_dir() else None
 
 
 def train(recipe: Path, run_dir: Path, overrides: list[str], steps: int, log: Path) -> dict[str, Any]:
     """One arm × seed through ``flash-rc train`` in its own process (a failed run is recorded, the study goes on)."""
-    if completed_steps(run_dir) >= steps:
+    final = final_checkpoint(run_dir)
+    if final is not None and final[0] >= steps:
         return {"status": "done", "seconds": None}
-    command = [str(Path(sys.executable).with_name("flash-rc")), "train", "--config", str(recipe), *overrides]
+    command = [FLASH_RC, "train", "--config", str(recipe), *overrides]
     start = time.monotonic()
     with log.open("a") as sink:
         sink.write(f"$ {' '.join(command)}\n")
@@ -156,11 +171,10 @@ def train(recipe: Path, run_dir: Path, overrides: list[str], steps: int, log: Pa
 
 def evaluate(output: Path, run_dirs: list[Path], val_file: str, max_tokens: int, log: Path) -> dict[str, float]:
     """Greedy held-out accuracy of each run's final checkpoint, in bf16, through one engine (``flash-rc eval``)."""
-    finals = [max(run.glob("global_step_*"), key=lambda p: int(p.name.rsplit("_", 1)[1])) for run in run_dirs
-              if any(run.glob("global_step_*"))]
+    finals = [final[1] for final in map(final_checkpoint, run_dirs) if final is not None]
     if not finals:
         return {}
-    command = [str(Path(sys.executable).with_name("flash-rc")), "eval", *map(str, finals), "--data", val_file,
+    command = [FLASH_RC, "eval", *map(str, finals), "--data", val_file,
                "--precision", "bf16", "--output", str(output / "eval"), "--max-tokens", str(max_tokens),
                "--no-progress"]
     with log.open("a") as sink:
@@ -247,7 +261,7 @@ def plot(study: dict[str, Any], output: Path) -> list[Path]:
     for name, run in study["runs"].items():
         series = run["series"]
         steps = range(1, len(series["reward"]) + 1)
-        style = "-" if name.endswith("seed" + str(study["seeds"][0])) else "--"
+        style = "-" if run["seed"] == study["seeds"][0] else "--"
         axes[0].plot(steps, series["reward"], style, color=colors[run["arm"]], label=name)
         axes[1].plot(steps, [v if v is not None else math.nan for v in series["kl"]], style,
                      color=colors[run["arm"]], label=name)
@@ -267,7 +281,7 @@ def plot(study: dict[str, Any], output: Path) -> list[Path]:
         for name, run in study["runs"].items():
             values = run["series"][series_name]
             if run["arm"] != "bf16" and any(v is not None for v in values):
-                style = "o-" if name.endswith("seed" + str(study["seeds"][0])) else "s--"
+                style = "o-" if run["seed"] == study["seeds"][0] else "s--"
                 axis.plot(range(1, len(values) + 1), [v if v is not None else math.nan for v in values], style,
                           color=colors[run["arm"]], label=name, markersize=3)
         axis.set(title=title, xlabel="step")
@@ -302,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = 3 if args.quick else args.steps
     common = [*(QUICK if args.quick else []), f"trainer.total_training_steps={steps}", *args.common]
     output = args.output.resolve()
-    runs = {f"{arm}_seed{seed}": run_overrides(output, arm, seed, common) for seed in seeds for arm in arms}
+    runs = {run_name(arm, seed): run_overrides(output, arm, seed, common) for seed in seeds for arm in arms}
     from flash_rc.errors import FlashRCError
 
     try:
@@ -329,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         accuracy = evaluate(output, [output / name for name in runs], val_file, max_tokens, log)
 
     study = {"recipe": str(args.recipe), "steps": steps, "seeds": seeds, "arms": arms, "common_overrides": common,
-             "runs": {name: {"arm": name.rsplit("_seed", 1)[0], "seed": int(name.rsplit("_seed", 1)[1]),
+             "runs": {name: {"arm": arm_and_seed(name)[0], "seed": arm_and_seed(name)[1],
                              "series": step_series(output / name), "heldout_bf16": accuracy.get(name),
                              **status.get(name, {})} for name in runs}}
     study["table"] = summarise(study)
