@@ -117,21 +117,20 @@ def make_config(tmp_path, n=4, callback=RC_REPLAY_CALLBACK, **rc):
     )
 
 
+def agent_loop(config, tokenizer, server):
+    """The loop as verl's agent-loop worker builds it (hydra instantiates the registered target with these)."""
+    return RCAgentLoop(trainer_config=DictConfigWrap(config), server_manager=server, tokenizer=tokenizer,
+                       processor=None, dataset_cls=RLHFDataset, data_config=DictConfigWrap(config.data),
+                       hf_model_type="qwen2")  # fmt: skip
+
+
 def run_step(config, tokenizer, server, step=1, uids=tuple(PROBLEMS)):
     """Every session of every prompt, as verl's ``_run_prompt`` starts them: {uid: [output of session 0..n-1]}."""
     sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0, "logprobs": True}
 
     def session(uid, session_id):
         problem, answer = PROBLEMS[uid]
-        loop = RCAgentLoop(
-            trainer_config=DictConfigWrap(config),
-            server_manager=server,
-            tokenizer=tokenizer,
-            processor=None,
-            dataset_cls=RLHFDataset,
-            data_config=DictConfigWrap(config.data),
-            hf_model_type="qwen2",
-        )
+        loop = agent_loop(config, tokenizer, server)
         return loop.run(
             dict(sampling),
             uid=uid,
@@ -338,15 +337,7 @@ def test_bad_config_fails_in_one_line(tmp_path, tokenizer, overrides, message):
         check_rc_settings(config)
     assert message in str(error.value) and "\n" not in str(error.value)
     with pytest.raises(ConfigError, match=message.replace("*", r"\*").replace(".", r"\.")):  # also at the loop's start
-        RCAgentLoop(
-            trainer_config=DictConfigWrap(config),
-            server_manager=None,
-            tokenizer=tokenizer,
-            processor=None,
-            dataset_cls=RLHFDataset,
-            data_config=DictConfigWrap(config.data),
-            hf_model_type="qwen2",
-        )
+        agent_loop(config, tokenizer, None)
 
 
 def test_missing_rc_section_is_refused():
